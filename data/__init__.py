@@ -1,0 +1,1 @@
+"""Preference data: reading, tokenization, prefix-shared group layout, packing, the loader."""

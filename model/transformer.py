@@ -1,0 +1,200 @@
+"""The Llama / Mistral decoder, written to be read top to bottom.
+
+Module and parameter names are Hugging Face's leaf names (`q_proj`, `gate_proj`,
+`input_layernorm`, ...), so a checkpoint converts by dropping the `model.` prefix; no q/k
+permutation is needed because RoPE here is the rotate-half form transformers uses.
+
+Prefix sharing needs three things from the model, all explicit inputs of `forward`:
+- `positions`: RoPE is indexed by these, not by the index in the row, so every completion
+  restarts at the prompt length;
+- an attention mask built by `model.masks` (a FlexAttention `BlockMask` or a dense bool mask);
+- the flat indexes of the hidden states that predict each target token, so log-probs are
+  computed only where they are needed (see `kernels.linear_log_probs`).
+
+Nothing here knows about FSDP, activation checkpointing or compilation: `train.parallelize`
+applies those from outside. The module is built on the meta device and initialized in one
+place, `init_weights`. It has no buffers: RoPE frequencies are derived from the config.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from kernels import linear_log_probs
+from model.config import ModelConfig
+from model.masks import AttentionMask
+
+
+@functools.cache
+def compiled_flex_attention():
+    """FlexAttention must be compiled to run as a fused kernel on CUDA (inside an already
+    compiled block this call is simply inlined). On CPU it runs eagerly: forward only, for tests."""
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def rope_inverse_frequencies(config: ModelConfig, device: torch.device | None = None) -> Tensor:
+    """Per-pair rotation frequencies `[head_dim // 2]`, float32, as transformers computes them.
+    Recomputed on each forward (a few tiny ops) rather than kept in a buffer that a dtype cast
+    of the module would round."""
+    dim = config.head_dim
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
+    inv_freq = 1.0 / (config.rope_theta ** exponents)
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    # Llama 3.x: long wavelengths are slowed by `factor`, short ones kept, the band between
+    # interpolated smoothly.
+    old_context = scaling.original_max_position_embeddings
+    low_freq_wavelen = old_context / scaling.low_freq_factor
+    high_freq_wavelen = old_context / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old_context / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rope_cos_sin(positions: Tensor, inv_freq: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos and sin `[B, L, head_dim]` for integer positions `[B, L]`, computed in float32."""
+    angles = positions.float()[..., None] * inv_freq  # [B, L, head_dim // 2]
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate-half RoPE on `x [B, heads, L, head_dim]`."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalize in float32, scale in the input dtype (what transformers does in bf16 too).
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        d = config.hidden_size
+        self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttentionMask) -> Tensor:
+        batch, seq_len, _ = x.shape
+        q = self.q_proj(x).view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if isinstance(mask, BlockMask):
+            flex = compiled_flex_attention() if q.is_cuda else flex_attention
+            out = flex(q, k, v, block_mask=mask, enable_gqa=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        out = out.transpose(1, 2).reshape(batch, seq_len, self.num_heads * self.head_dim)
+        return self.o_proj(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttentionMask) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Llama 3.2 1B/3B share the embedding and the head. Module-wise transforms such as
+        `to_empty` untie them, so this is called again after those."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Random initialization, transformers' scheme: N(0, initializer_range), norms at one."""
+        std = self.config.initializer_range
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, (nn.Linear, nn.Embedding)):
+                    module.weight.normal_(0.0, std, generator=generator)
+                elif isinstance(module, RMSNorm):
+                    module.weight.fill_(1.0)
+
+    def forward(self, input_ids: Tensor, positions: Tensor, mask: AttentionMask,
+                target_index: Tensor | None = None, target_ids: Tensor | None = None) -> Tensor:
+        """Hidden states `[B, L, D]` after the final norm; or, given targets, the float32
+        log-prob `[T]` of each `target_ids[t]` predicted by the hidden state at flat index
+        `target_index[t]` of the `[B * L]` grid. The head runs here, inside forward, so that a
+        sharded wrapper has its weight gathered."""
+        h = self.embed_tokens(input_ids)
+        inv_freq = rope_inverse_frequencies(self.config, device=positions.device)
+        cos, sin = rope_cos_sin(positions, inv_freq, h.dtype)
+        for layer in self.layers:
+            h = layer(h, cos, sin, mask)
+        h = self.norm(h)
+        if target_index is None:
+            return h
+        return linear_log_probs(h.flatten(0, 1)[target_index], self.lm_head.weight, target_ids)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """Full logits from hidden states; for tests and small models only."""
+        return self.lm_head(hidden)
+
+
+def build_model(config: ModelConfig, device: torch.device | str = "cpu",
+                dtype: torch.dtype = torch.float32, seed: int | None = None) -> Transformer:
+    """Build on the meta device and materialize on `device`. With a seed the weights are
+    randomly initialized (the same on every rank); without, they are left for a loader."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    model.to_empty(device=device)
+    model.tie_weights()
+    if seed is not None:
+        model.init_weights(torch.Generator(device=device).manual_seed(seed))
+    return model.to(dtype)

@@ -1,0 +1,100 @@
+"""Convert between Hugging Face safetensors checkpoints and torch.distributed.checkpoint (DCP).
+
+    python scripts/convert_checkpoint.py hf-to-dcp --hf DIR --out DIR
+    python scripts/convert_checkpoint.py dcp-to-hf --ckpt DIR --hf-config DIR --out DIR
+
+`hf-to-dcp` writes the weights under the key `model` (our parameter names), the layout the
+trainer's checkpoints use, so the result can start a run. `dcp-to-hf` reads the model weights of
+such a folder, or of a training checkpoint, and writes config.json (from `--hf-config`, every
+field preserved), safetensors shards and the tokenizer files found in `--hf-config`. Tensors
+keep their dtype, so HF -> DCP -> HF is bit-identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from model.config import ModelConfig
+from model.hf_checkpoint import (copy_tokenizer_files, expected_shapes, load_state_dict,
+                                 resolve_model_dir, save_hf_checkpoint)
+
+MODEL_KEY = "model"
+
+
+def hf_to_dcp(hf: str, out: Path) -> None:
+    model_dir = resolve_model_dir(hf)
+    config = ModelConfig.from_file(model_dir)
+    state = load_state_dict(model_dir, config)
+    out.mkdir(parents=True, exist_ok=True)
+    dcp.save({MODEL_KEY: state}, storage_writer=dcp.FileSystemWriter(out), no_dist=True)
+    print(f"wrote {len(state)} tensors to {out}")
+
+
+def read_dcp_model(ckpt: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """The model tensors of a DCP folder, allocated from its own metadata and checked against
+    the config's names and shapes."""
+    if not (ckpt / ".metadata").is_file():
+        raise ValueError(f"{ckpt}: not a torch.distributed.checkpoint folder (no .metadata)")
+    metadata = dcp.FileSystemReader(ckpt).read_metadata()
+    prefix = MODEL_KEY + "."
+    state = {}
+    for key, meta in metadata.state_dict_metadata.items():
+        if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata):
+            state[key.removeprefix(prefix)] = torch.empty(meta.size, dtype=meta.properties.dtype)
+    expected = expected_shapes(config)
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+        state.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{ckpt}: model tensors do not match the config: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != expected[name]:
+            raise ValueError(f"{ckpt}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                             f"expected {expected[name]} from the config")
+    dcp.load({MODEL_KEY: state}, storage_reader=dcp.FileSystemReader(ckpt), no_dist=True)
+    return state
+
+
+def dcp_to_hf(ckpt: Path, hf_config: Path, out: Path) -> None:
+    if not hf_config.is_dir():
+        raise ValueError(f"{hf_config}: --hf-config must be a folder holding config.json")
+    config = ModelConfig.from_file(hf_config)
+    state = read_dcp_model(ckpt, config)
+    save_hf_checkpoint(state, config, out)
+    copied = copy_tokenizer_files(hf_config, out)
+    print(f"wrote {len(state)} tensors and config.json to {out}"
+          + (f" (+ {', '.join(copied)})" if copied else ""))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("hf-to-dcp", help="HF safetensors folder (or hub id) -> DCP folder")
+    p.add_argument("--hf", required=True)
+    p.add_argument("--out", required=True, type=Path)
+    p = sub.add_parser("dcp-to-hf", help="DCP folder -> HF safetensors folder")
+    p.add_argument("--ckpt", required=True, type=Path)
+    p.add_argument("--hf-config", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    args = parser.parse_args(argv)
+    if args.command == "hf-to-dcp":
+        hf_to_dcp(args.hf, args.out)
+    else:
+        dcp_to_hf(args.ckpt, args.hf_config, args.out)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny random model configs and Hugging Face checkpoints made by transformers
+(the oracle), saved with `save_pretrained` so they are read through our own loader."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.config import ModelConfig
+
+TINY = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+            rms_norm_eps=1e-5)
+
+# Variants the oracle tests run over: each exercises one architecture feature.
+HF_VARIANTS = {
+    "llama_gqa": ("llama", {}),
+    "llama3_rope_scaling": ("llama", dict(rope_theta=500000.0, rope_scaling=dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=16))),
+    "llama_tied": ("llama", dict(tie_word_embeddings=True, num_key_value_heads=1)),
+    "mistral_window": ("mistral", dict(sliding_window=8)),
+}
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    fields = dict(TINY, head_dim=TINY["hidden_size"] // TINY["num_attention_heads"])
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+def make_hf_model(kind: str, **overrides):
+    """A randomly initialized transformers model (eager attention, float32)."""
+    import transformers
+
+    config_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    }[kind]
+    config = config_cls(**dict(TINY, **overrides))
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = model_cls(config).eval()
+    # transformers initializes norms to one; randomize them so a dropped norm would show.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.fixture
+def hf_checkpoint(tmp_path: Path):
+    """Factory: save a tiny transformers model of a variant; returns (folder, model)."""
+
+    def make(variant: str, max_shard_size: str | None = None):
+        kind, overrides = HF_VARIANTS[variant]
+        model = make_hf_model(kind, **overrides)
+        folder = tmp_path / variant
+        kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+        model.save_pretrained(folder, **kwargs)
+        return folder, model
+
+    return make

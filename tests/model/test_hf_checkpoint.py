@@ -1,0 +1,117 @@
+"""Checkpoint loading refuses bad input with one clear message naming the file or tensor."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from model.hf_checkpoint import load_model, resolve_model_dir, save_hf_checkpoint
+
+
+def test_missing_folder_and_files(tmp_path):
+    with pytest.raises(ValueError, match="no such model folder"):
+        load_model(tmp_path / "nope")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ValueError, match="required field"):
+        load_model(tmp_path)
+
+
+def test_pickles_are_refused(hf_checkpoint):
+    folder, _ = hf_checkpoint("llama_gqa")
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"\.bin pickles are refused"):
+        load_model(folder)
+
+
+def test_truncated_file(hf_checkpoint):
+    folder, _ = hf_checkpoint("llama_gqa")
+    file = folder / "model.safetensors"
+    file.write_bytes(file.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="model.safetensors: not a valid safetensors file"):
+        load_model(folder)
+
+
+def test_corrupt_header(hf_checkpoint):
+    folder, _ = hf_checkpoint("llama_gqa")
+    (folder / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
+    with pytest.raises(ValueError, match="not a valid safetensors file"):
+        load_model(folder)
+
+
+def rewrite(folder, edit):
+    file = folder / "model.safetensors"
+    tensors = load_file(file)
+    edit(tensors)
+    save_file(tensors, file, metadata={"format": "pt"})
+
+
+def test_missing_tensor(hf_checkpoint):
+    folder, _ = hf_checkpoint("llama_gqa")
+    rewrite(folder, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(ValueError, match=r"missing tensors model\.layers\.1\.mlp\.up_proj\.weight"):
+        load_model(folder)
+
+
+def test_unexpected_tensor(hf_checkpoint):
+    folder, _ = hf_checkpoint("llama_gqa")
+    rewrite(folder, lambda t: t.update({"model.layers.2.mlp.up_proj.weight": torch.zeros(1)}))
+    with pytest.raises(ValueError, match="unexpected tensor 'model.layers.2.mlp.up_proj.weight'"):
+        load_model(folder)
+
+
+def test_shape_mismatch(hf_checkpoint):
+    folder, _ = hf_checkpoint("llama_gqa")
+    rewrite(folder, lambda t: t.update({"model.norm.weight": torch.ones(65)}))
+    with pytest.raises(ValueError, match=r"'model.norm.weight' has shape \(65,\), expected \(64,\)"):
+        load_model(folder)
+
+
+def test_shard_listed_but_missing(hf_checkpoint):
+    folder, _ = hf_checkpoint("llama_gqa", max_shard_size="40KB")
+    next(folder.glob("model-00002-*.safetensors")).unlink()
+    with pytest.raises(ValueError, match="listed in model.safetensors.index.json but missing"):
+        load_model(folder)
+
+
+def test_old_rotary_buffers_are_ignored(hf_checkpoint):
+    folder, _ = hf_checkpoint("llama_gqa")
+    rewrite(folder, lambda t: t.update(
+        {"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8)}))
+    load_model(folder)
+
+
+def test_hub_repo_id_from_local_cache(hf_checkpoint, tmp_path, monkeypatch):
+    """A repo id resolves through huggingface_hub's cache with the network off."""
+    folder, _ = hf_checkpoint("llama_tied")
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--org--tiny" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    for f in folder.iterdir():
+        (snapshot / f.name).write_bytes(f.read_bytes())
+    (cache / "models--org--tiny" / "refs").mkdir()
+    (cache / "models--org--tiny" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as constants
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert resolve_model_dir("org/tiny") == snapshot
+    model = load_model("org/tiny")
+    assert model.config.tie_word_embeddings
+    with pytest.raises(ValueError, match="org/absent: could not fetch"):
+        resolve_model_dir("org/absent")
+
+
+def test_save_writes_index_and_dtype(hf_checkpoint, tmp_path):
+    folder, _ = hf_checkpoint("llama_gqa")
+    model = load_model(folder, dtype=torch.bfloat16)
+    out = save_hf_checkpoint(model.state_dict(), model.config, tmp_path / "out",
+                             max_shard_bytes=30_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert index["metadata"]["total_size"] == sum(
+        t.numel() * 2 for t in model.state_dict().values())
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"

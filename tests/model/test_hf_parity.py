@@ -1,0 +1,92 @@
+"""Our model against transformers (the oracle) on tiny random checkpoints read by our loader."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from conftest import HF_VARIANTS
+
+from model.hf_checkpoint import load_model, save_hf_checkpoint
+from model.masks import build_attention_mask
+from model.transformer import build_model
+
+SEQ_LEN = 24  # longer than the Mistral window (8) and the llama3 original context (16)
+
+
+def causal_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
+    batch, seq_len = input_ids.shape
+    positions = torch.arange(seq_len).expand(batch, seq_len)
+    zeros = torch.zeros_like(input_ids)
+    mask = build_attention_mask(zeros, zeros, positions, model.config.sliding_window,
+                                use_flex=False)
+    return model.logits(model(input_ids, positions, mask))
+
+
+@pytest.mark.parametrize("variant", sorted(HF_VARIANTS))
+@pytest.mark.parametrize("sharded", [False, True])
+def test_logits_match_transformers(hf_checkpoint, variant, sharded):
+    folder, hf_model = hf_checkpoint(variant, max_shard_size="40KB" if sharded else None)
+    assert (folder / "model.safetensors.index.json").exists() == sharded
+    ours = load_model(folder)
+    input_ids = torch.randint(0, ours.config.vocab_size, (2, SEQ_LEN),
+                              generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf_model(input_ids).logits
+        actual = causal_logits(ours, input_ids)
+    assert (actual - expected).abs().max().item() <= 1e-5
+
+
+def test_features_are_exercised(hf_checkpoint):
+    """The variants differ where they should: scaling, window and tying change the logits."""
+    folder, _ = hf_checkpoint("mistral_window")
+    model = load_model(folder)
+    assert model.config.sliding_window == 8
+    unwindowed = build_model(replace(model.config, sliding_window=None))
+    unwindowed.load_state_dict(model.state_dict())
+    input_ids = torch.randint(0, model.config.vocab_size, (1, SEQ_LEN))
+    with torch.no_grad():
+        windowed, full = causal_logits(model, input_ids), causal_logits(unwindowed, input_ids)
+    # Identical inside the window, different beyond it.
+    assert torch.allclose(windowed[:, :8], full[:, :8], atol=1e-6)
+    assert (windowed[:, 8:] - full[:, 8:]).abs().max() > 1e-3
+
+    folder, _ = hf_checkpoint("llama_tied")
+    tied = load_model(folder)
+    assert tied.lm_head.weight is tied.embed_tokens.weight
+    assert "lm_head.weight" not in dict(tied.named_parameters())  # one parameter, counted once
+
+    folder, _ = hf_checkpoint("llama3_rope_scaling")
+    scaled = load_model(folder)
+    unscaled = build_model(replace(scaled.config, rope_scaling=None))
+    unscaled.load_state_dict(scaled.state_dict())
+    with torch.no_grad():
+        assert (causal_logits(scaled, input_ids) - causal_logits(unscaled, input_ids)).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("variant", ["llama_gqa", "llama_tied", "mistral_window"])
+def test_saved_checkpoint_loads_in_transformers(hf_checkpoint, tmp_path, variant):
+    import transformers
+
+    folder, hf_model = hf_checkpoint(variant)
+    ours = load_model(folder)
+    out = save_hf_checkpoint(ours.state_dict(), ours.config, tmp_path / "saved",
+                             max_shard_bytes=50_000)
+    assert (out / "model.safetensors.index.json").exists()
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
+    input_ids = torch.randint(0, ours.config.vocab_size, (2, SEQ_LEN))
+    with torch.no_grad():
+        expected = causal_logits(ours, input_ids)
+        actual = reloaded(input_ids).logits
+    assert (actual - expected).abs().max().item() <= 1e-5
+
+
+def test_bfloat16_close_to_float32(hf_checkpoint):
+    folder, _ = hf_checkpoint("llama_gqa")
+    fp32, bf16 = load_model(folder), load_model(folder, dtype=torch.bfloat16)
+    assert bf16.embed_tokens.weight.dtype == torch.bfloat16
+    input_ids = torch.randint(0, fp32.config.vocab_size, (2, SEQ_LEN))
+    with torch.no_grad():
+        a, b = causal_logits(fp32, input_ids), causal_logits(bf16, input_ids).float()
+    assert torch.linalg.norm(a - b) / torch.linalg.norm(a) < 2e-2

@@ -1,0 +1,1 @@
+"""Training: config, parallelism, losses, the loop, checkpoints, metrics."""
