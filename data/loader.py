@@ -1,0 +1,253 @@
+"""The training loader: deterministic, sharded across ranks, resumable mid-epoch, prefetching.
+
+Each epoch is planned from `(seed, epoch)` alone:
+1. the examples are shuffled;
+2. packed layouts: windows of `PACK_WINDOW` shuffled examples are packed best-fit-decreasing
+   into rows of `packing_length`, then the rows are shuffled; unpacked layouts: each example
+   takes one row per document, in shuffled order;
+3. rows are cut into micro-batches of `micro_batch_size` rows, never splitting an example (so a
+   pair's chosen and rejected sequences always meet in one micro-batch).
+
+Optimizer step s uses micro-batches `s*A*W .. (s+1)*A*W - 1` (A = grad_accum, W = world size);
+rank r takes `s*A*W + a*W + r` for a < A. So the data of a step does not depend on how it is
+split into ranks and micro-batches, and every rank runs the same number of micro-batches: the
+last step of an epoch is completed with empty micro-batches (all padding, no pairs), which is
+also why nothing is dropped. The loss is normalized by the number of pairs the step really has.
+
+The position (epoch, step) is the state; resuming from it replays the plan and continues with
+exactly the remaining batches. Batches are built in a background thread a few steps ahead.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from data.example import Example
+from data.layout import (Batch, Numbering, collate, document_lengths, fit_to_length, is_packed,
+                         is_shared)
+from data.packing import BLOCK, auto_packing_length, pack_best_fit, packing_efficiency, round_up
+
+PACK_WINDOW = 8192  # examples packed together: large enough to pack tightly, small enough to mix
+
+Rows = list[list[int]]  # rows of example positions
+
+
+def example_length(example: Example, layout: str) -> int:
+    """Tokens the example occupies in a row of a packed layout (all its documents)."""
+    return sum(document_lengths(example, is_shared(layout)))
+
+
+@dataclass
+class FitReport:
+    packing_length: int
+    num_truncated: int       # examples whose completions were cut to fit a row
+    efficiency: float        # non-padding fraction of packed rows (one packing of all data)
+
+
+def fit_examples(examples: Sequence[Example], layout: str, packing_length: int | str,
+                 overlong: str) -> tuple[list[Example], FitReport]:
+    """Resolve `packing_length` ("auto" or a multiple of 128) for a packed layout and make
+    every example fit one row: cut by `fit_to_length`'s policy (overlong="truncate"), or refuse
+    with an error naming the example (overlong="error")."""
+    if not examples:
+        raise ValueError("no examples to train on")
+    lengths = [example_length(e, layout) for e in examples]
+    if not is_packed(layout):
+        return list(examples), FitReport(0, 0, 1.0)
+    length = auto_packing_length(lengths) if packing_length == "auto" else int(packing_length)
+    fitted, num_truncated = [], 0
+    for example, n in zip(examples, lengths):
+        if n > length:
+            where = f"example {example.index}" + (f" (id {example.id})" if example.id else "")
+            cut = fit_to_length(example, length, is_shared(layout)) \
+                if overlong == "truncate" else None
+            if cut is None:
+                hint = ("its prompts alone do not fit: raise data.packing_length or set "
+                        "data.max_prompt_length" if overlong == "truncate" else
+                        "raise data.packing_length, set data.max_length, or set "
+                        "data.overlong = 'truncate'")
+                raise ValueError(f"{where} needs {n} tokens in layout {layout!r}, more than "
+                                 f"data.packing_length = {length}; {hint}")
+            example, num_truncated = cut, num_truncated + 1
+        fitted.append(example)
+    fitted_lengths = [example_length(e, layout) for e in fitted]
+    rows = pack_best_fit(fitted_lengths, length)
+    return fitted, FitReport(length, num_truncated,
+                             packing_efficiency(fitted_lengths, len(rows), length))
+
+
+class PreferenceLoader:
+    def __init__(self, examples: Sequence[Example], layout: str, micro_batch_size: int,
+                 grad_accum: int = 1, world_size: int = 1, rank: int = 0, seed: int = 0,
+                 packing_length: int = 0, pad_multiple: int = BLOCK, shuffle: bool = True,
+                 prefetch: int = 2, pin_memory: bool = False):
+        if micro_batch_size < 1 or grad_accum < 1:
+            raise ValueError("micro_batch_size and grad_accum must be >= 1")
+        self.examples = list(examples)
+        self.layout = layout
+        self.micro_batch_size = micro_batch_size
+        self.grad_accum = grad_accum
+        self.world_size, self.rank = world_size, rank
+        self.seed, self.shuffle = seed, shuffle
+        self.packing_length = packing_length
+        self.pad_multiple = pad_multiple
+        self.prefetch, self.pin_memory = prefetch, pin_memory
+        self.numbering = Numbering(self.examples)
+        self.num_documents = [len(document_lengths(e, is_shared(layout))) for e in self.examples]
+        self.lengths = [example_length(e, layout) for e in self.examples]
+        if is_packed(layout):
+            if packing_length <= 0 or max(self.lengths, default=0) > packing_length:
+                raise ValueError(f"examples must fit packing_length={packing_length}; "
+                                 "run fit_examples first")
+        elif max(self.num_documents, default=0) > micro_batch_size:
+            raise ValueError(
+                f"an example needs {max(self.num_documents)} rows in layout {layout!r} but a "
+                f"micro-batch has {micro_batch_size}: raise train.micro_batch_size")
+        self.epoch = 0
+        self.step = 0  # steps of the current epoch already consumed
+        # The consumer's epoch and the prefetcher's next one.
+        self.micro_batch_plan = functools.lru_cache(maxsize=2)(self._plan)
+
+    # ---- the plan -------------------------------------------------------------------------
+
+    def _plan(self, epoch: int) -> list[Rows]:
+        """All micro-batches of an epoch, as rows of example positions."""
+        rng = np.random.default_rng([self.seed, epoch])
+        n = len(self.examples)
+        order = rng.permutation(n) if self.shuffle else np.arange(n)
+        size = self.micro_batch_size
+        if is_packed(self.layout):
+            rows: Rows = []
+            for start in range(0, n, PACK_WINDOW):
+                window = order[start:start + PACK_WINDOW]
+                bins = pack_best_fit([self.lengths[i] for i in window], self.packing_length)
+                rows.extend([int(window[j]) for j in b] for b in bins)
+            if self.shuffle:
+                rows = [rows[i] for i in rng.permutation(len(rows))]
+            return [rows[i:i + size] for i in range(0, len(rows), size)]
+        micro: list[Rows] = []
+        current: Rows = []
+        for i in order.tolist():
+            k = self.num_documents[i]
+            if len(current) + k > size:
+                micro.append(current)
+                current = []
+            current.extend([[i]] * k)  # one row per document
+        if current:
+            micro.append(current)
+        return micro
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        """Optimizer steps of an epoch (packed layouts: it varies a little with the packing)."""
+        per_step = self.grad_accum * self.world_size
+        return math.ceil(len(self.micro_batch_plan(epoch)) / per_step)
+
+    def step_rows(self, epoch: int, step: int) -> list[Rows]:
+        """This rank's micro-batches of one step (empty lists where the epoch ran out)."""
+        plan = self.micro_batch_plan(epoch)
+        base = step * self.grad_accum * self.world_size
+        indices = [base + a * self.world_size + self.rank for a in range(self.grad_accum)]
+        return [plan[i] if i < len(plan) else [] for i in indices]
+
+    def build(self, rows: Rows) -> Batch:
+        """Collate one micro-batch, padded to `micro_batch_size` rows of a fixed length
+        (packed) or of the longest row rounded up to `pad_multiple` (unpacked)."""
+        rows = rows + [[] for _ in range(self.micro_batch_size - len(rows))]
+        if is_packed(self.layout):
+            length = self.packing_length
+        else:
+            longest = max((dl for row in rows for i in row[:1]
+                           for dl in document_lengths(self.examples[i], is_shared(self.layout))),
+                          default=1)
+            length = round_up(longest, self.pad_multiple)
+        batch = collate(rows, self.examples, self.numbering, self.layout, length)
+        return batch.pin_memory() if self.pin_memory else batch
+
+    # ---- iteration and state --------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[list[Batch]]:
+        """Endless: each item is this rank's `grad_accum` micro-batches of the next step."""
+        start = (self.epoch, self.step)
+
+        def produce() -> Iterator[tuple[int, int, list[Batch]]]:
+            epoch, step = start
+            while True:
+                if step >= self.steps_in_epoch(epoch):
+                    epoch, step = epoch + 1, 0
+                yield epoch, step, [self.build(rows) for rows in self.step_rows(epoch, step)]
+                step += 1
+
+        for epoch, step, batches in _prefetched(produce(), self.prefetch):
+            self.epoch, self.step = epoch, step + 1
+            yield batches
+
+    def one_pass(self) -> Iterator[Batch]:
+        """Every example once, in order, this rank's share: for evaluation and scoring. All
+        ranks yield the same number of micro-batches (the last ones may be empty)."""
+        plan = self.micro_batch_plan(0)
+        per_rank = math.ceil(len(plan) / self.world_size)
+        indices = (i * self.world_size + self.rank for i in range(per_rank))
+        yield from _prefetched((self.build(plan[i] if i < len(plan) else []) for i in indices),
+                               self.prefetch)
+
+    def state_dict(self) -> dict[str, int]:
+        """The position: `step` steps of `epoch` consumed. The plan itself is derived."""
+        return {"epoch": self.epoch, "step": self.step, "seed": self.seed,
+                "steps_in_epoch": self.steps_in_epoch(self.epoch)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state["seed"] != self.seed:
+            raise ValueError(f"cannot resume: the checkpoint's data seed is {state['seed']}, "
+                             f"the config's {self.seed}")
+        if state["steps_in_epoch"] != self.steps_in_epoch(state["epoch"]):
+            raise ValueError(
+                "cannot resume exactly: the data plan changed since the checkpoint "
+                f"({state['steps_in_epoch']} steps in epoch {state['epoch']} then, "
+                f"{self.steps_in_epoch(state['epoch'])} now); keep the data, layout, packing "
+                "length and global batch (micro_batch_size x grad_accum x ranks) of the run")
+        self.epoch, self.step = state["epoch"], state["step"]
+
+
+def _prefetched(items: Iterator, depth: int) -> Iterator:
+    """Run `items` in a background thread, up to `depth` ahead. Errors surface in the caller."""
+    if depth <= 0:
+        yield from items
+        return
+    buffer: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def work() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        buffer.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            buffer.put(done)
+        except BaseException as e:  # handed to the consumer, re-raised there
+            buffer.put(e)
+
+    thread = threading.Thread(target=work, daemon=True, name="batch-prefetch")
+    thread.start()
+    try:
+        while True:
+            item = buffer.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
