@@ -20,8 +20,9 @@ class DataConfig:
     split: str = "train"                 # split of a hub dataset
     format: str = "auto"                 # one of FORMATS; auto-detected from the first row
     tokenizer: str = ""                  # folder with tokenizer.json; "" = the model's folder
-    # Chat template for conversational data: "auto" uses tokenizer_config.json's when the data
-    # is conversational; "none" refuses conversational data rather than guess a format.
+    # Chat template for conversational data: "auto" uses the tokenizer's (tokenizer_config.json
+    # or chat_template.jinja); a .jinja file path or the template text itself; "none" refuses
+    # conversational data rather than guess a format.
     chat_template: str = "auto"
     max_length: int = 0                  # prompt + one completion, in tokens; 0 = no limit
     max_prompt_length: int = 0           # 0 = no limit

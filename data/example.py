@@ -18,7 +18,7 @@ import numpy as np
 @dataclass(frozen=True)
 class Group:
     prompt: np.ndarray                  # int32 [P], P >= 1
-    completions: tuple[np.ndarray, ...]  # int32 [C_k], C_k >= 1, each ending with EOS
+    completions: tuple[np.ndarray, ...]  # int32 [C_k], C_k >= 1; end with EOS unless cut
 
     @property
     def num_tokens(self) -> int:

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+
+from data.example import Example, Group
 
 from model.config import ModelConfig
 
@@ -49,6 +52,26 @@ def make_hf_model(kind: str, **overrides):
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
     return model
+
+
+def random_examples(n: int, vocab: int, seed: int = 0, max_len: int = 12) -> list[Example]:
+    """Examples of random tokens: mostly pairs, every fifth with two different prompts, every
+    fifth with three ranked completions."""
+    rng = np.random.default_rng(seed)
+    draw = lambda: rng.integers(0, vocab, rng.integers(1, max_len)).astype(np.int32)  # noqa: E731
+    examples = []
+    for i in range(n):
+        if i % 5 == 3:  # chosen and rejected prompts differ: two groups, nothing shared
+            groups = (Group(draw(), (draw(),)), Group(draw(), (draw(),)))
+            pairs = ((0, 1),)
+        elif i % 5 == 4:  # three ranked completions of one prompt
+            groups = (Group(draw(), (draw(), draw(), draw())),)
+            pairs = ((0, 1), (0, 2), (1, 2))
+        else:
+            groups = (Group(draw(), (draw(), draw())),)
+            pairs = ((0, 1),)
+        examples.append(Example(i, groups, pairs))
+    return examples
 
 
 @pytest.fixture

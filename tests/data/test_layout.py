@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import random_examples, tiny_config
 
 from data.example import Example, Group
 from data.layout import Numbering, collate, fit_to_length
@@ -16,24 +16,6 @@ from model.masks import build_attention_mask
 from model.transformer import build_model
 
 LAYOUTS = ["shared+packed", "shared", "paired+packed", "paired"]
-
-
-def random_examples(n: int, vocab: int, seed: int = 0, max_len: int = 12) -> list[Example]:
-    rng = np.random.default_rng(seed)
-    draw = lambda: rng.integers(0, vocab, rng.integers(1, max_len)).astype(np.int32)  # noqa: E731
-    examples = []
-    for i in range(n):
-        if i % 5 == 3:  # chosen and rejected prompts differ: two groups, nothing shared
-            groups = (Group(draw(), (draw(),)), Group(draw(), (draw(),)))
-            pairs = ((0, 1),)
-        elif i % 5 == 4:  # three ranked completions of one prompt
-            groups = (Group(draw(), (draw(), draw(), draw())),)
-            pairs = ((0, 1), (0, 2), (1, 2))
-        else:
-            groups = (Group(draw(), (draw(), draw())),)
-            pairs = ((0, 1),)
-        examples.append(Example(i, groups, pairs))
-    return examples
 
 
 def rows_for(examples, layout, per_row=3):

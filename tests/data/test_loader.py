@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 import torch
-from test_layout import random_examples
+from conftest import random_examples
 
 from data.loader import PreferenceLoader, fit_examples
 

@@ -1,0 +1,119 @@
+"""Chat templates: rendering equals transformers' apply_chat_template; the sandbox; the
+prompt/completion split."""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import json
+from pathlib import Path
+
+import pytest
+
+from data.chat_template import ChatTemplate, ChatTemplateError
+from data.tokenizer import Tokenizer
+
+FIXTURES = Path(__file__).parent / "fixtures"
+SHARED_TOKENIZERS = Path(__file__).resolve().parents[3] / "shared" / "data" / "tokenizers"
+SPECIAL = {"bos_token": "<s>", "eos_token": "</s>"}
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "hi there"}],
+    [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+     {"role": "user", "content": "  how are you?  "}],
+    [{"role": "user", "content": "Qué tal? ünïcode"}, {"role": "assistant", "content": "bien"}],
+]
+
+
+@functools.cache
+def ours_and_theirs(name: str):
+    """Our tokenizer and transformers' (the oracle) for a folder; loaded once per module."""
+    from transformers import AutoTokenizer
+
+    folder = tokenizer_folder(name)
+    return Tokenizer.from_folder(folder), AutoTokenizer.from_pretrained(folder)
+
+
+def tokenizer_folder(name: str) -> Path:
+    if name == "ascii_bos":
+        return FIXTURES / name
+    folder = SHARED_TOKENIZERS / name
+    if not (folder / "tokenizer_config.json").is_file():
+        pytest.skip(f"real tokenizer {name} not available at {folder}")
+    return folder
+
+
+@pytest.mark.parametrize("name", ["ascii_bos", "mistral-7b-v0.1", "tinyllama-1.1b-chat-v1.0",
+                                  "llama-3"])
+def test_rendering_matches_transformers(name):
+    ours, oracle = ours_and_theirs(name)
+    template = ours.compile_chat_template()
+    for messages in CONVERSATIONS:
+        for add_generation_prompt in (False, True):
+            if add_generation_prompt and messages[-1]["role"] == "assistant":
+                continue
+            assert template.render(messages, add_generation_prompt) == oracle.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+@pytest.mark.parametrize("name", ["ascii_bos", "llama-3"])
+def test_prompt_ids_match_transformers_without_a_second_bos(name):
+    """The template writes the BOS text; the prompt then gets no second BOS from the tokenizer.
+    (Not checked on the legacy SentencePiece tokenizers: transformers 5 rebuilds them without
+    the "▁" that tokenizer.json, like SentencePiece, puts after a special token.)"""
+    tok, oracle = ours_and_theirs(name)
+    prompt_text, _ = tok.compile_chat_template().split(CONVERSATIONS[1], [[
+        {"role": "assistant", "content": "fine"}]])
+    ids = tok.encode_prompts([prompt_text])[0].tolist()
+    expected = oracle.apply_chat_template(
+        CONVERSATIONS[1], tokenize=True, add_generation_prompt=True, return_dict=True)
+    assert ids == list(expected["input_ids"])
+    assert ids[0] == tok.bos_id and ids[1] != tok.bos_id
+
+
+def test_split_drops_whitespace_after_the_final_eos():
+    template = ChatTemplate(json.loads((FIXTURES / "ascii_bos" / "tokenizer_config.json")
+                                       .read_text())["chat_template"], SPECIAL)
+    prompt, texts = template.split(CONVERSATIONS[1], [[{"role": "assistant", "content": "ok"}],
+                                                      [{"role": "assistant", "content": "no"}]])
+    assert prompt == "<s>[INST] hi [/INST]hello</s> [INST]   how are you?   [/INST]"
+    assert texts == ["ok</s>", "no</s>"]
+
+
+def test_split_needs_the_prompt_to_be_a_prefix():
+    source = ("{% for m in messages %}{{ m.content }}{% endfor %}"
+              "{% if add_generation_prompt %}<gen>{% endif %}")
+    template = ChatTemplate(source, SPECIAL)
+    with pytest.raises(ChatTemplateError, match=r"does not render the prompt .* as a prefix"):
+        template.split([{"role": "user", "content": "hi"}],
+                       [[{"role": "assistant", "content": "ok"}]])
+    empty = ChatTemplate("{% for m in messages %}{% if m.role == 'user' %}{{ m.content }}"
+                         "{% endif %}{% endfor %}", SPECIAL)
+    with pytest.raises(ChatTemplateError, match=r"renders nothing for the completion"):
+        empty.split([{"role": "user", "content": "hi"}], [[{"role": "assistant", "content": "x"}]])
+
+
+def test_helpers_raise_exception_strftime_now_tojson():
+    template = ChatTemplate("{{ raise_exception('roles must alternate') }}", SPECIAL)
+    with pytest.raises(ChatTemplateError, match=r"refused the messages: roles must alternate"):
+        template.render([])
+    year = ChatTemplate("{{ strftime_now('%Y') }}", SPECIAL).render([])
+    assert year == str(datetime.date.today().year)
+    as_json = ChatTemplate("{{ messages | tojson }}", SPECIAL).render(
+        [{"role": "user", "content": "é<b>"}])
+    assert as_json == '[{"role": "user", "content": "é<b>"}]'  # not escaped, as in transformers
+    assert ChatTemplate("{{ bos_token }}x{{ eos_token }}", SPECIAL).render([]) == "<s>x</s>"
+
+
+@pytest.mark.parametrize("source", [
+    "{{ ''.__class__.__mro__[1].__subclasses__() }}",      # reaching Python internals
+    "{% set _ = messages.append(1) %}",                     # mutating the input
+])
+def test_templates_are_sandboxed(source):
+    with pytest.raises(ChatTemplateError):
+        ChatTemplate(source, SPECIAL).render([{"role": "user", "content": "x"}])
+
+
+def test_a_template_that_does_not_compile():
+    with pytest.raises(ChatTemplateError, match=r"does not compile"):
+        ChatTemplate("{% for m in messages %}", SPECIAL)

@@ -1,0 +1,199 @@
+"""Reading records: every file type, locations, split selection, the hub path, decode errors."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from data import reading
+from data.reading import Row, read_file, read_rows, resolve_files
+
+RECORDS = [{"prompt": "a", "chosen": "b", "rejected": "c"},
+           {"prompt": "d", "chosen": "e", "rejected": "f"}]
+
+
+def write_jsonl(path: Path, records, compressed: bool = False) -> Path:
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    path.write_bytes(gzip.compress(text.encode()) if compressed else text.encode())
+    return path
+
+
+@pytest.mark.parametrize("name", ["d.jsonl", "d.jsonl.gz"])
+def test_jsonl_records_with_line_numbers(tmp_path, name):
+    path = write_jsonl(tmp_path / name, RECORDS, compressed=name.endswith(".gz"))
+    rows = list(read_rows(str(path)))
+    assert rows == [Row(f"{path}:1", RECORDS[0]), Row(f"{path}:2", RECORDS[1])]
+
+
+def test_jsonl_blank_lines_are_not_records_but_keep_line_numbers(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\ufeff" + json.dumps(RECORDS[0]) + "\n\n  \n" + json.dumps(RECORDS[1]) + "\n")
+    assert [(r.location, r.value) for r in read_rows(str(path))] == \
+        [(f"{path}:1", RECORDS[0]), (f"{path}:4", RECORDS[1])]
+
+
+@pytest.mark.parametrize("name, layout, prefix", [
+    ("d.json", "list", ""), ("d.json.gz", "list", ""), ("d.json", "data", "['data']"),
+    ("d.json", "train", "['train']"), ("d.json", "other", "['other']")])
+def test_json_list_or_object_holding_it(tmp_path, name, layout, prefix):
+    value = RECORDS if layout == "list" else {"version": 1, layout: RECORDS}
+    text = json.dumps(value, indent=2).encode()
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(text) if name.endswith(".gz") else text)
+    rows = list(read_rows(str(path)))
+    assert [r.location for r in rows] == [f"{path}{prefix}[0]", f"{path}{prefix}[1]"]
+    assert [r.value for r in rows] == RECORDS
+
+
+def test_json_object_with_several_lists_is_refused(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps({"a": [1], "b": [2]}))
+    with pytest.raises(ValueError, match=r"d.json: a JSON object without one list of records"):
+        list(read_rows(str(path)))
+
+
+def test_malformed_jsonl_line_is_a_row_error(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(RECORDS[0]) + '\n{"prompt": "x", \n' + json.dumps(RECORDS[1]) + "\n")
+    rows = list(read_rows(str(path)))
+    assert [r.location for r in rows] == [f"{path}:1", f"{path}:2", f"{path}:3"]
+    assert rows[1].value is None and rows[1].error.startswith("malformed JSON at column")
+    assert rows[2].value == RECORDS[1]
+
+
+def test_non_utf8_jsonl_line_is_a_row_error(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(json.dumps(RECORDS[0]).encode() + b'\n{"prompt": "caf\xe9"}\n')
+    rows = list(read_rows(str(path)))
+    assert rows[0].error is None
+    assert rows[1].location == f"{path}:2" and "not valid UTF-8" in rows[1].error
+
+
+def test_malformed_or_non_utf8_json_file_names_the_line(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text('[\n  {"a": 1},\n  {"a": 2,,}\n]')
+    with pytest.raises(ValueError, match=r"d.json:3: malformed JSON at column 11"):
+        list(read_rows(str(path)))
+    path.write_bytes(b'[\n{"a": 1},\n{"a": "\xff"}]')
+    with pytest.raises(ValueError, match=r"d.json:3: not valid UTF-8"):
+        list(read_rows(str(path)))
+    path.write_text(json.dumps(RECORDS[0]) + "\n" + json.dumps(RECORDS[1]) + "\n")
+    with pytest.raises(ValueError, match=r"name the file .jsonl"):
+        list(read_rows(str(path)))
+
+
+def test_parquet_without_pyarrow_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # import fails even where it is installed
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    path = tmp_path / "d.parquet"
+    path.write_bytes(b"PAR1")
+    with pytest.raises(ValueError, match=r"d.parquet: reading .parquet files needs pyarrow.*"
+                                         r"pip install pyarrow"):
+        list(read_rows(str(path)))
+
+
+def test_parquet_rows_through_pyarrow(tmp_path, monkeypatch):
+    """The reading glue, with a stand-in for pyarrow's ParquetFile (not installed here)."""
+    class Batch:
+        def __init__(self, records):
+            self.records = records
+
+        def to_pylist(self):
+            return self.records
+
+    class ParquetFile:
+        def __init__(self, path):
+            assert Path(path) == tmp_path / "d.parquet"
+
+        def iter_batches(self, batch_size):
+            return iter([Batch(RECORDS[:1]), Batch(RECORDS[1:])])
+
+    parquet = types.ModuleType("pyarrow.parquet")
+    parquet.ParquetFile = ParquetFile
+    monkeypatch.setitem(sys.modules, "pyarrow", types.ModuleType("pyarrow"))
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", parquet)
+    (tmp_path / "d.parquet").write_bytes(b"")
+    rows = list(read_file(tmp_path / "d.parquet", "d.parquet"))
+    assert rows == [Row("d.parquet[0]", RECORDS[0]), Row("d.parquet[1]", RECORDS[1])]
+
+
+def test_missing_file_and_unsupported_type(tmp_path):
+    with pytest.raises(ValueError, match=r"absent.jsonl: no such data file or folder"):
+        resolve_files(str(tmp_path / "absent.jsonl"))
+    (tmp_path / "d.csv").write_text("a,b\n")
+    with pytest.raises(ValueError, match=r"d.csv: unsupported file type"):
+        list(read_rows(str(tmp_path / "d.csv")))
+
+
+def make_split_folder(root: Path) -> Path:
+    for rel in ["train.jsonl", "test.jsonl", "data/train-00000-of-00002.jsonl",
+                "data/train-00001-of-00002.jsonl", "data/train_prefs-00000-of-00001.jsonl",
+                "sub/train/part.jsonl.gz", ".cache/train.jsonl", "README.md"]:
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_jsonl(path, RECORDS[:1], compressed=rel.endswith(".gz"))
+    return root
+
+
+def test_folder_reads_the_files_of_the_split(tmp_path):
+    root = make_split_folder(tmp_path / "ds")
+    files = [f.relative_to(root).as_posix() for f, _ in resolve_files(str(root), "train")]
+    assert files == ["data/train-00000-of-00002.jsonl", "data/train-00001-of-00002.jsonl",
+                     "sub/train/part.jsonl.gz", "train.jsonl"]
+    assert [f.name for f, _ in resolve_files(str(root), "test")] == ["test.jsonl"]
+    with pytest.raises(ValueError, match=r"no data file for split 'validation'.*train.jsonl"):
+        resolve_files(str(root), "validation")
+
+
+def make_hf_cache(cache: Path, repo_id: str) -> Path:
+    """A Hugging Face hub cache holding one snapshot of a dataset repo, as huggingface_hub
+    lays it out (refs/main -> commit, snapshots/<commit>/...)."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / f"datasets--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    for subset in ("harmless-base", "helpful-base"):
+        (snapshot / subset).mkdir(parents=True)
+        write_jsonl(snapshot / subset / "train.jsonl.gz", RECORDS[:1], compressed=True)
+        write_jsonl(snapshot / subset / "test.jsonl.gz", RECORDS[1:], compressed=True)
+    return snapshot
+
+
+def test_hub_repo_from_the_cache_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    make_hf_cache(tmp_path / "hub", "acme/prefs")
+    rows = list(read_rows("acme/prefs", "test", cache_dir=tmp_path / "hub"))
+    assert [(r.location, r.value) for r in rows] == [
+        ("acme/prefs/harmless-base/test.jsonl.gz:1", RECORDS[1]),
+        ("acme/prefs/helpful-base/test.jsonl.gz:1", RECORDS[1])]
+    rows = list(read_rows("acme/prefs/helpful-base", "train", cache_dir=tmp_path / "hub"))
+    assert [(r.location, r.value) for r in rows] == [
+        ("acme/prefs/helpful-base/train.jsonl.gz:1", RECORDS[0])]
+    with pytest.raises(ValueError, match=r"acme/absent: could not fetch this dataset repo.*"
+                                         r"HF_HUB_OFFLINE"):
+        list(read_rows("acme/absent", "train", cache_dir=tmp_path / "hub"))
+
+
+def test_hub_download_asks_for_the_split_files(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_snapshot_download(repo_id, **kwargs):
+        calls.append((repo_id, kwargs))
+        return str(make_hf_cache(tmp_path / "hub", repo_id))
+
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    rows = list(read_rows("acme/prefs/harmless-base", "test"))
+    assert [r.value for r in rows] == [RECORDS[1]]
+    (repo_id, kwargs), = calls
+    assert repo_id == "acme/prefs" and kwargs["repo_type"] == "dataset"
+    assert kwargs["local_files_only"] is False
+    assert "harmless-base/*test*.jsonl.gz" in kwargs["allow_patterns"]
+    assert reading.data_suffix("x/test.JSONL.GZ") == ".jsonl.gz"
