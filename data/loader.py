@@ -250,4 +250,7 @@ def _prefetched(items: Iterator, depth: int) -> Iterator:
                 raise item
             yield item
     finally:
+        # Closing the consumer (or leaving its loop) stops and joins the worker, so no thread
+        # is left building batches while the process shuts down.
         stop.set()
+        thread.join()

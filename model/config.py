@@ -84,7 +84,10 @@ class ModelConfig:
         """The config.json content: the source file's fields unchanged when there is one (so
         nothing we do not model is lost), else generated from our fields."""
         if self.hf_config:
-            return dict(self.hf_config)
+            # transformers needs both to pick the class; a hand-written file may lack one.
+            return {"architectures": [self.architecture],
+                    "model_type": SUPPORTED_ARCHITECTURES[self.architecture],
+                    **self.hf_config}
         out: dict[str, Any] = dict(
             architectures=[self.architecture],
             model_type=SUPPORTED_ARCHITECTURES[self.architecture],

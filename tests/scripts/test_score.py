@@ -1,0 +1,111 @@
+"""scripts/score.py: the same log-probs in every layout, equal to transformers' (the oracle)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from data.tokenizer import load_tokenizer
+
+REPO = Path(__file__).resolve().parents[2]
+TOKENIZER = REPO / "tests" / "data" / "fixtures" / "ascii_bos"
+# Ranked format (one data file has one format): two completions are a plain pair.
+ROWS = [
+    {"id": "a", "prompt": "What is 2+2?", "completions": [" 4.", " Five, I think."],
+     "scores": [1, 0]},
+    {"prompt": "Name a color.", "completions": [" Blue", " Seven"], "scores": [1, 0]},
+    {"prompt": "Say hi", "completions": [" hi", " hello there", " no"], "scores": [3, 2, 1]},
+    {"id": "d", "prompt": "Long one: " + "x" * 40, "completions": [" y" * 20, " z"],
+     "scores": [1, 0]},
+]
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("score", REPO / "scripts" / "score.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def scored(hf_checkpoint, tmp_path):
+    folder, hf_model = hf_checkpoint("mistral_window")
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+
+    def score(layout: str, *extra: str) -> list[dict]:
+        out = tmp_path / f"{layout}.jsonl"
+        load_script().main(["--model", str(folder), "--data", str(data), "--out", str(out),
+                            "--tokenizer", str(TOKENIZER), "--layout", layout,
+                            "--batch-size", "2", *extra])
+        return [json.loads(line) for line in out.read_text().splitlines()]
+
+    return score, hf_model, data
+
+
+def oracle(hf_model, prompt: str, completion: str) -> tuple[float, int]:
+    tok = load_tokenizer(TOKENIZER)
+    p = tok.encode_prompts([prompt])[0].tolist()
+    c = tok.encode_completions([completion])[0].tolist()
+    ids = torch.tensor([p + c])
+    with torch.no_grad():
+        logps = hf_model(ids).logits[0].float().log_softmax(-1)
+    targets = torch.tensor(c)
+    return logps[len(p) - 1:len(p) + len(c) - 1].gather(-1, targets[:, None]).sum().item(), len(c)
+
+
+def test_layouts_agree_with_transformers(scored):
+    score, hf_model, _ = scored
+    results = {layout: score(layout) for layout in
+               ("shared+packed", "shared", "paired", "paired+packed")}
+    reference = results["shared+packed"]
+    # Rows in input order; the ranked row gives three pairs (3>2, 3>1, 2>1).
+    assert [(r["index"], r["pair"]) for r in reference] == [(0, 0), (1, 0), (2, 0), (2, 1),
+                                                           (2, 2), (3, 0)]
+    assert reference[0]["id"] == "a" and "id" not in reference[1]
+    for layout, records in results.items():
+        for got, want in zip(records, reference, strict=True):
+            for key in ("chosen_logp", "rejected_logp"):
+                assert got[key] == pytest.approx(want[key], abs=1e-4), (layout, key)
+            assert got["chosen_tokens"] == want["chosen_tokens"]
+    completions = {0: ROWS[0]["completions"], 1: ROWS[1]["completions"]}
+    for record in reference[:2]:
+        prompt = ROWS[record["index"]]["prompt"]
+        for side, text in zip(("chosen", "rejected"), completions[record["index"]]):
+            logp, n = oracle(hf_model, prompt, text)
+            assert record[f"{side}_logp"] == pytest.approx(logp, abs=1e-4)
+            assert record[f"{side}_tokens"] == n
+    ranked = reference[2:5]
+    hi, hello = oracle(hf_model, "Say hi", " hi")[0], oracle(hf_model, "Say hi", " hello there")[0]
+    assert ranked[0]["chosen_logp"] == pytest.approx(hi, abs=1e-4)
+    assert ranked[2]["chosen_logp"] == pytest.approx(hello, abs=1e-4)
+
+
+def test_reward_accuracy_against_a_reference(scored, tmp_path, capsys):
+    score, _, data = scored
+    score("shared+packed")
+    capsys.readouterr()
+    score("paired", "--reference", str(tmp_path / "shared+packed.jsonl"))
+    out = capsys.readouterr().out
+    # The same model as its own reference: every margin is ~0, so no pair is "won".
+    assert "mean reward margin" in out and "over 6 pairs" in out
+
+
+def test_too_long_for_the_packing_length_is_refused(scored):
+    score, _, _ = scored
+    with pytest.raises(ValueError, match="more than data.packing_length = 128"):
+        score("paired+packed", "--packing-length", "128")
+
+
+def test_cli_error_is_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "scripts/score.py", "--model", str(tmp_path),
+                             "--data", "x.jsonl", "--out", str(tmp_path / "o.jsonl")],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: ") and "config.json" in result.stderr

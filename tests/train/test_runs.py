@@ -1,0 +1,177 @@
+"""Whole runs through `train.py`: one rank and two gloo ranks agree, the first loss is ln 2,
+resume after a stop is exact, and the exported checkpoint loads in transformers."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+TINY_MODEL = {"architectures": ["LlamaForCausalLM"], "vocab_size": 32000, "hidden_size": 32,
+              "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "num_key_value_heads": 1, "head_dim": 16, "rms_norm_eps": 1e-5,
+              "tie_word_embeddings": True, "max_position_embeddings": 512,
+              "bos_token_id": 1, "eos_token_id": 2}
+
+
+@pytest.fixture
+def run_config(tmp_path) -> Path:
+    (tmp_path / "model.json").write_text(json.dumps(TINY_MODEL))
+    config = tmp_path / "run.toml"
+    config.write_text(f"""
+[model]
+config = "{tmp_path / 'model.json'}"
+[data]
+path = "{REPO / 'assets/data/hh-rlhf-helpful-base-test-1000.jsonl.gz'}"
+tokenizer = "{REPO / 'assets/tokenizers/mistral-7b-v0.1'}"
+max_examples = 40
+max_prompt_length = 48
+max_length = 80
+packing_length = 256
+bad_rows = "skip"
+[reference]
+cache_dir = "{tmp_path / 'cache'}"
+[optim]
+lr = 1e-3
+warmup_steps = 2
+[train]
+steps = 6
+micro_batch_size = 2
+log_every = 1
+output_dir = "{tmp_path / 'run'}"
+[checkpoint]
+every = 3
+""")
+    return config
+
+
+def launch(config: Path, *overrides: str, ranks: int = 0, **popen) -> subprocess.Popen:
+    """`python train.py` (ranks=0) or `torchrun --nproc_per_node ranks train.py`."""
+    command = [sys.executable, "train.py"] if not ranks else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc_per_node={ranks}", "train.py"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen([*command, "--config", str(config), *overrides], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            **popen)
+
+
+def run(config: Path, *overrides: str, ranks: int = 0) -> str:
+    process = launch(config, *overrides, ranks=ranks)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err[-3000:]
+    return out
+
+
+def losses(output_dir: Path) -> dict[int, float]:
+    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+
+
+@pytest.mark.distributed
+def test_one_and_two_ranks_agree(run_config, tmp_path):
+    """The same global batch (4 rows per step): 1 rank x 2 micro-batches of 2 rows and
+    2 ranks x 1 micro-batch. The step's pairs are the same, so are the losses."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(run_config, f"--train.output_dir={one}", "--train.grad_accum=2", "--train.steps=3",
+        "--checkpoint.every=0", "--checkpoint.export_hf=false", ranks=1)
+    run(run_config, f"--train.output_dir={two}", "--train.grad_accum=1", "--train.steps=3",
+        "--checkpoint.every=0", "--checkpoint.export_hf=false", ranks=2)
+    a, b = losses(one), losses(two)
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    assert abs(a[1] - math.log(2)) < 1e-5  # policy == reference at the first step
+    for step in a:
+        assert a[step] == pytest.approx(b[step], abs=1e-5), step
+    assert a[3] < a[1]  # it learns
+
+
+@pytest.mark.distributed
+def test_resume_after_sigterm_is_exact(run_config, tmp_path):
+    reference_dir = tmp_path / "uninterrupted"
+    run(run_config, f"--train.output_dir={reference_dir}", "--checkpoint.export_hf=false")
+    expected = losses(reference_dir)
+    assert sorted(expected) == [1, 2, 3, 4, 5, 6]
+
+    # Stop a second run with SIGTERM once it has logged step 2; it checkpoints and exits.
+    stopped = tmp_path / "stopped"
+    process = launch(run_config, f"--train.output_dir={stopped}", "--checkpoint.every=0",
+                     "--checkpoint.export_hf=false")
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        if (stopped / "metrics.jsonl").is_file() and max(losses(stopped), default=0) >= 2:
+            process.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.05)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err[-3000:]
+    assert "stop requested" in out
+    saved = [p.name for p in stopped.glob("step_*")]
+    assert len(saved) == 1 and int(saved[0][5:]) < 6
+    stop_step = int(saved[0][5:])
+
+    out = run(run_config, f"--train.output_dir={stopped}", "--checkpoint.export_hf=false")
+    assert f"resumed from {stopped / saved[0]} (step {stop_step})" in out
+    resumed = losses(stopped)
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    for step in range(stop_step + 1, 7):
+        assert resumed[step] == pytest.approx(expected[step], abs=1e-6), step
+
+
+@pytest.mark.distributed
+def test_export_loads_in_transformers(run_config, tmp_path):
+    import transformers
+
+    from model.hf_checkpoint import load_model
+    from model.masks import build_attention_mask
+
+    out_dir = tmp_path / "run"
+    run(run_config, "--train.steps=2", "--checkpoint.every=0")
+    export = out_dir / "hf"
+    assert (export / "tokenizer.json").is_file() and (export / "config.json").is_file()
+    ours = load_model(export)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(export,
+                                                               attn_implementation="eager")
+    ids = torch.randint(0, 32000, (2, 40), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(40).expand(2, 40)
+    zeros = torch.zeros_like(ids)
+    with torch.no_grad():
+        mask = build_attention_mask(zeros, zeros, positions, None, use_flex=False)
+        assert (ours.logits(ours(ids, positions, mask)) - theirs(ids).logits).abs().max() < 1e-5
+    # The export holds the trained weights: the same as the final DCP checkpoint's.
+    converted = tmp_path / "converted"
+    subprocess.run([sys.executable, "scripts/convert_checkpoint.py", "dcp-to-hf", "--ckpt",
+                    str(out_dir / "step_00000002"), "--hf-config", str(export), "--out",
+                    str(converted)], cwd=REPO, check=True, capture_output=True)
+    final = load_model(converted).state_dict()
+    for name, tensor in ours.state_dict().items():
+        assert torch.equal(tensor, final[name]), name
+    assert not torch.equal(final["embed_tokens.weight"],
+                           load_model_initial(tmp_path).state_dict()["embed_tokens.weight"])
+
+
+def load_model_initial(tmp_path: Path):
+    from model.config import ModelConfig
+    from model.transformer import build_model
+
+    return build_model(ModelConfig.from_file(tmp_path / "model.json"), seed=0)
+
+
+@pytest.mark.distributed
+def test_cli_errors_are_one_line(run_config, tmp_path):
+    process = launch(run_config, "--train.stepz=3")
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 1 and "Traceback" not in err
+    assert "error:" in err and "unknown key train.stepz" in err
+    process = launch(run_config, f"--data.path={tmp_path / 'absent.jsonl'}")
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 1 and "Traceback" not in err and "absent.jsonl" in err

@@ -1,0 +1,73 @@
+"""Config loading: TOML sections into frozen dataclasses, strict overrides, clear refusals."""
+
+from __future__ import annotations
+
+import tomllib
+
+import pytest
+
+from train.config import build_config, load_config, parse_override, to_toml
+
+MINIMAL = """
+[model]
+config = "configs/models/demo-llama.json"
+[data]
+path = "data.jsonl"
+"""
+
+
+def write(tmp_path, text=MINIMAL):
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_and_overrides(tmp_path):
+    config = load_config(write(tmp_path), ["--train.steps=7", "--loss.type=sigmoid,sft",
+                                           "--loss.weights=[1.0, 0.5]", "--data.layout=paired",
+                                           "--data.packing_length=1024", "--optim.lr=2e-6",
+                                           "--train.activation_checkpointing=true"])
+    assert config.train.steps == 7 and config.train.log_every == 10
+    assert config.loss.type == ("sigmoid", "sft") and config.loss.weights == (1.0, 0.5)
+    assert config.data.layout == "paired" and config.data.packing_length == 1024
+    assert config.optim.lr == 2e-6 and config.train.activation_checkpointing is True
+    assert load_config(write(tmp_path), ["--data.packing_length=auto"]).data.packing_length == "auto"
+
+
+def test_resolved_config_round_trips(tmp_path):
+    config = load_config(write(tmp_path), ["--loss.type=ipo", "--optim.betas=[0.8, 0.95]"])
+    assert build_config(tomllib.loads(to_toml(config))) == config
+
+
+@pytest.mark.parametrize("override, message", [
+    (["--train.stepz=3"], r"unknown key train.stepz; valid keys in \[train\]: steps, output_dir"),
+    (["--trian.steps=3"], r"unknown section \[trian\]; valid sections: model, data"),
+    (["--train.steps=many"], r"train.steps = 'many' should be an integer"),
+    (["--train.steps=2.5"], r"train.steps = 2.5 should be an integer"),
+    (["--train.compile=yes"], r"train.compile = 'yes' should be true or false"),
+    (["--optim.betas=[0.9]"], r"optim.betas = \[0.9\] should be a list of 2 values"),
+    (["--data.layout=diagonal"], r"data.layout = 'diagonal'; expected one of: shared\+packed"),
+    (["--data.packing_length=1000"], r"expected 'auto' or a positive multiple of 128"),
+    (["--loss.type=dpo"], r"loss.type has unknown loss 'dpo'"),
+    (["--train.steps"], r"expected --section.key=value"),
+    (["--reference.mode=none"], r"reference.mode = 'none' but loss.type \['sigmoid'\] needs"),
+])
+def test_refusals_name_the_key(tmp_path, override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(write(tmp_path), override)
+
+
+def test_model_source_and_files(tmp_path):
+    with pytest.raises(ValueError, match="set exactly one of model.path"):
+        load_config(write(tmp_path, MINIMAL + '[model]\n'.replace("[model]", "")),
+                    ["--model.path=some/model"])
+    with pytest.raises(ValueError, match="config file not found"):
+        load_config(tmp_path / "absent.toml")
+    with pytest.raises(ValueError, match="not valid TOML"):
+        load_config(write(tmp_path, "[model\n"))
+
+
+def test_override_values_are_toml_or_bare_strings():
+    assert parse_override("--data.path=a/b.jsonl") == ("data", "path", "a/b.jsonl")
+    assert parse_override("--train.steps=10") == ("train", "steps", 10)
+    assert parse_override('--data.path="x y"') == ("data", "path", "x y")

@@ -1,0 +1,85 @@
+"""One optimizer step, in process: the first loss is ln 2, the update does not depend on the
+micro-batch split, and a non-finite loss leaves the weights alone."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from conftest import random_examples, tiny_config
+
+from data.loader import PreferenceLoader, fit_examples
+from model.transformer import build_model
+from train.config import OptimSection
+from train.distributed import Distributed
+from train.loop import train_step
+from train.losses import LossConfig, LossState
+from train.optim import build_optimizer
+from train.reference import TableReference
+from train.scoring import score_sequences
+
+CPU = Distributed(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), mesh=None)
+
+
+def setup_run(layout="shared+packed", micro_batch_size=8, grad_accum=1, seed=0):
+    model = build_model(tiny_config(), seed=0)
+    examples, report = fit_examples(random_examples(48, model.config.vocab_size, seed=seed),
+                                    layout, 128, "error")
+    table, _ = score_sequences(model, examples, layout="shared+packed", packing_length=128,
+                               micro_batch_size=4, device=CPU.device, use_flex=False,
+                               progress=False)
+    loader = PreferenceLoader(examples, layout, micro_batch_size, grad_accum,
+                              packing_length=report.packing_length, pad_multiple=8, seed=1)
+    return model, TableReference(table.float()), loader
+
+
+def step(model, reference, batches, loss=LossConfig(), optimizer=None):
+    optimizer = optimizer or build_optimizer(model, OptimSection(lr=1e-2), CPU.device)
+    return train_step(model, batches, reference=reference, loss_config=loss,
+                      loss_state=LossState(), optimizer=optimizer, max_grad_norm=0.0, env=CPU,
+                      use_flex=False)[0]
+
+
+@pytest.mark.parametrize("layout", ["shared+packed", "paired"])
+def test_first_loss_is_ln2(layout):
+    """Policy == reference: every DPO logit is 0 and -log sigmoid(0) = ln 2, whatever the
+    layout the reference was computed in."""
+    model, reference, loader = setup_run(layout)
+    result = step(model, reference, next(iter(loader)))
+    assert abs(result.loss - math.log(2)) < 1e-6
+    assert result.metrics["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    assert result.finite and result.num_pairs > 0
+
+
+def test_update_does_not_depend_on_micro_batch_split():
+    """1 micro-batch of 8 rows and 4 micro-batches of 2 rows hold the same pairs; the loss is
+    divided by the step's pair count, so the gradients agree. Plain SGD with lr 1 makes the
+    update equal to the gradient (Adam's first update, g / |g|, would amplify rounding noise
+    in near-zero gradient entries)."""
+    one, reference, loader_one = setup_run(micro_batch_size=8, grad_accum=1)
+    four = copy.deepcopy(one)
+    _, _, loader_four = setup_run(micro_batch_size=2, grad_accum=4)
+    # Two steps, so the second starts from weights the first moved.
+    results = []
+    for model, loader in ((one, loader_one), (four, loader_four)):
+        it = iter(loader)
+        sgd = torch.optim.SGD(model.parameters(), lr=1.0)
+        for _ in range(2):
+            model_result = step(model, reference, next(it), optimizer=sgd)
+        results.append(model_result)
+    assert results[0].num_pairs == results[1].num_pairs
+    assert results[0].loss == pytest.approx(results[1].loss, abs=1e-6)
+    for (name, a), b in zip(one.named_parameters(), four.parameters()):
+        assert (a - b).abs().max() <= 1e-6, name
+
+
+def test_nonfinite_loss_skips_the_update():
+    model, reference, loader = setup_run()
+    reference.table[:] = float("nan")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = step(model, reference, next(iter(loader)))
+    assert not result.finite and math.isnan(result.loss)
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name

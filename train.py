@@ -1,0 +1,40 @@
+"""Train a Llama or Mistral model with DPO-family losses.
+
+    torchrun --standalone --nproc_per_node 1 train.py --config configs/demo.toml
+    python train.py --config configs/demo.toml --train.steps=50   # one process, no torchrun
+
+Any config value can be overridden with --section.key=value (see README, "Config reference").
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="overrides: --section.key=value, e.g. --train.steps=100 --loss.beta=0.2")
+    parser.add_argument("--config", required=True, help="a TOML config, e.g. configs/demo.toml")
+    args, overrides = parser.parse_known_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        from train.config import load_config
+        from train.loop import train
+
+        train(load_config(args.config, overrides))
+    except (ValueError, OSError) as e:
+        # One clear line per failure (rank 0 speaks for everyone when all fail alike).
+        prefix = f"[rank {rank}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

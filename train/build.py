@@ -1,0 +1,104 @@
+"""Building what a run needs from its config: the initial model and the tokenized data.
+
+Kept apart from the loop so `train()` reads as a sequence of steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data.config import DataConfig
+from data.dataset import PreferenceData, load_preference_data
+from data.example import Example
+from data.loader import FitReport, fit_examples
+from data.tokenizer import Tokenizer, load_tokenizer
+from model.config import ModelConfig
+from model.hf_checkpoint import load_state_dict, resolve_model_dir
+from model.transformer import Transformer, build_model
+from train.config import ModelSection
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the initial weights come from: a checkpoint folder, or a config and a seed."""
+
+    config: ModelConfig
+    checkpoint_dir: Path | None
+    config_path: Path | None
+    seed: int
+
+    @classmethod
+    def from_section(cls, section: ModelSection) -> ModelSource:
+        if section.path:
+            folder = resolve_model_dir(section.path)
+            return cls(ModelConfig.from_file(folder), folder, None, section.init_seed)
+        path = Path(section.config)
+        return cls(ModelConfig.from_file(path), None, path, section.init_seed)
+
+    def build(self, device: torch.device, dtype: torch.dtype = torch.float32) -> Transformer:
+        """The initial model, unsharded, on `device`: the same weights on every rank."""
+        if self.checkpoint_dir is None:
+            return build_model(self.config, device=device, dtype=dtype, seed=self.seed)
+        state = load_state_dict(self.checkpoint_dir, self.config, dtype)
+        if self.config.tie_word_embeddings:
+            state["lm_head.weight"] = state["embed_tokens.weight"]
+        model = build_model(self.config, device=device, dtype=dtype)
+        model.load_state_dict(state)
+        return model
+
+
+def tokenizer_for(data: DataConfig, source: ModelSource) -> Tokenizer:
+    if data.tokenizer:
+        return load_tokenizer(data.tokenizer)
+    if source.checkpoint_dir is None:
+        raise ValueError("data.tokenizer is required with a randomly initialized model "
+                         "(model.config); point it at a folder with tokenizer.json")
+    return load_tokenizer(source.checkpoint_dir)
+
+
+@dataclass
+class RunData:
+    train: list[Example]
+    eval: list[Example]
+    fit: FitReport
+    loaded: PreferenceData
+    num_eval_truncated: int
+
+    def summary(self) -> str:
+        lines = [self.loaded.summary(),
+                 f"{len(self.train)} training examples, {len(self.eval)} evaluation examples"]
+        if self.fit.packing_length:
+            lines.append(f"packing_length {self.fit.packing_length}: packing efficiency "
+                         f"{self.fit.efficiency:.1%}, {self.fit.num_truncated} examples cut to "
+                         f"fit a row (+{self.num_eval_truncated} evaluation)")
+        return "\n".join(lines)
+
+
+def load_run_data(config: DataConfig, tokenizer: Tokenizer, seed: int,
+                  progress: bool) -> RunData:
+    """Training and evaluation examples, fitted to the layout's rows. Evaluation data is a
+    separate file (`eval_path`) or `eval_fraction` of the examples held out by `seed`."""
+    loaded = load_preference_data(config, tokenizer, progress=progress)
+    examples = loaded.examples
+    if config.eval_path:
+        eval_examples = load_preference_data(config, tokenizer, path=config.eval_path,
+                                             progress=progress).examples
+    elif config.eval_fraction:
+        order = np.random.default_rng([seed, 7]).permutation(len(examples))
+        num_eval = max(1, round(config.eval_fraction * len(examples)))
+        held_out = set(order[:num_eval].tolist())
+        eval_examples = [e for i, e in enumerate(examples) if i in held_out]
+        examples = [e for i, e in enumerate(examples) if i not in held_out]
+    else:
+        eval_examples = []
+    train, fit = fit_examples(examples, config.layout, config.packing_length, config.overlong)
+    num_eval_truncated = 0
+    if eval_examples:
+        eval_examples, eval_fit = fit_examples(eval_examples, config.layout,
+                                               fit.packing_length or "auto", config.overlong)
+        num_eval_truncated = eval_fit.num_truncated
+    return RunData(train, eval_examples, fit, loaded, num_eval_truncated)

@@ -1,0 +1,274 @@
+"""The training config: frozen dataclass sections loaded from TOML, with strict overrides.
+
+    torchrun train.py --config configs/demo.toml --train.steps=50 --loss.beta=0.2
+
+Every key is checked against its dataclass field: an unknown section or key is refused with
+the valid ones listed, a value of the wrong type is refused naming `section.key`, and each
+section's own `__post_init__` checks ranges. The resolved config is written next to every
+checkpoint (`to_toml`). Relative paths are relative to the working directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from data.config import DataConfig
+from train.losses import LossConfig
+
+REFERENCE_MODES = ("precomputed", "live", "none")
+SCHEDULES = ("cosine", "linear", "constant")
+NONFINITE_POLICIES = ("stop", "skip")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    path: str = ""            # Hugging Face checkpoint folder or hub repo id
+    config: str = ""          # or a config.json, for a randomly initialized model
+    init_seed: int = 0        # seed of the random initialization
+
+    def __post_init__(self) -> None:
+        if bool(self.path) == bool(self.config):
+            raise ValueError("set exactly one of model.path (a checkpoint) and model.config "
+                             "(a config.json for random initialization)")
+
+
+@dataclass(frozen=True)
+class ReferenceSection:
+    # precomputed: one no-grad pass of the initial model before training, cached on disk
+    # live: a frozen copy of the initial model runs beside the policy
+    # none: reference-free losses only (simpo, sft)
+    mode: str = "precomputed"
+    cache_dir: str = ""       # "" = ~/.cache/prefixdpo/reference
+
+    def __post_init__(self) -> None:
+        _check_choice("reference.mode", self.mode, REFERENCE_MODES)
+
+
+@dataclass(frozen=True)
+class OptimSection:
+    lr: float = 5e-7
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    schedule: str = "cosine"  # after warmup: cosine | linear | constant
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # cosine/linear end at lr * min_lr_ratio
+    max_grad_norm: float = 1.0  # 0 = no clipping
+
+    def __post_init__(self) -> None:
+        _check_choice("optim.schedule", self.schedule, SCHEDULES)
+        if self.lr <= 0 or self.eps <= 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise ValueError("optim.lr and optim.eps must be > 0; optim.weight_decay and "
+                             "optim.max_grad_norm >= 0")
+        if self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("optim.warmup_steps must be >= 0 and optim.min_lr_ratio in [0, 1]")
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    steps: int = 1000                # optimizer steps
+    output_dir: str = "outputs/run"
+    log_every: int = 10
+    micro_batch_size: int = 1        # rows per micro-batch and rank
+    grad_accum: int = 1              # micro-batches per optimizer step and rank
+    seed: int = 0                    # data order
+    device: str = "auto"             # auto = cuda when available
+    activation_checkpointing: bool = False
+    compile: bool = True             # torch.compile each block (CUDA only)
+    eval_every: int = 0              # steps; 0 = at the end only (when there is eval data)
+    nonfinite: str = "stop"          # a NaN/inf loss: stop (keeping the last checkpoint) | skip
+
+    def __post_init__(self) -> None:
+        _check_choice("train.device", self.device, DEVICES)
+        _check_choice("train.nonfinite", self.nonfinite, NONFINITE_POLICIES)
+        for name in ("steps", "log_every", "micro_batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1")
+        if self.eval_every < 0:
+            raise ValueError("train.eval_every must be >= 0")
+
+
+@dataclass(frozen=True)
+class CheckpointSection:
+    every: int = 0           # steps between checkpoints; 0 = at the end only
+    keep_last: int = 2       # older checkpoints are deleted once a newer one is complete
+    resume: bool = True      # continue from the latest checkpoint in train.output_dir
+    export_hf: bool = True   # write a Hugging Face checkpoint to output_dir/hf at the end
+
+    def __post_init__(self) -> None:
+        if self.every < 0 or self.keep_last < 1:
+            raise ValueError("checkpoint.every must be >= 0 and checkpoint.keep_last >= 1")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelSection
+    data: DataConfig
+    loss: LossConfig
+    reference: ReferenceSection
+    optim: OptimSection
+    train: TrainSection
+    checkpoint: CheckpointSection
+
+    def __post_init__(self) -> None:
+        if not self.data.path:
+            raise ValueError("data.path is required: a preference data file or hub dataset id")
+        if self.reference.mode == "none" and self.loss.needs_reference:
+            raise ValueError(f"reference.mode = 'none' but loss.type {list(self.loss.type)} "
+                             "needs a reference; use simpo/sft or another reference mode")
+
+
+def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} = {value!r}; expected one of: {', '.join(allowed)}")
+
+
+_SECTION_TYPES = typing.get_type_hints(Config)
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Read a TOML file and apply `--section.key=value` overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: config file not found")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid TOML ({e})") from None
+    for override in overrides:
+        section, key, value = parse_override(override)
+        raw.setdefault(section, {})[key] = value
+    return build_config(raw, source=str(path))
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """`--section.key=value` -> (section, key, value); the value is read as a TOML value when
+    it is one (numbers, booleans, arrays, quoted strings), else taken as a bare string."""
+    body = text.removeprefix("--")
+    name, sep, value_text = body.partition("=")
+    section, dot, key = name.partition(".")
+    if not (text.startswith("--") and sep and dot and section and key):
+        raise ValueError(f"override {text!r}: expected --section.key=value")
+    try:
+        value = tomllib.loads(f"v = {value_text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = value_text
+    return section, key, value
+
+
+def build_config(raw: dict[str, Any], source: str = "config") -> Config:
+    unknown = sorted(set(raw) - set(_SECTION_TYPES))
+    if unknown:
+        raise ValueError(f"{source}: unknown section [{unknown[0]}]; valid sections: "
+                         f"{', '.join(_SECTION_TYPES)}")
+    sections = {}
+    for name, cls in _SECTION_TYPES.items():
+        values = raw.get(name, {})
+        if not isinstance(values, dict):
+            raise ValueError(f"{source}: [{name}] must be a table of keys")
+        sections[name] = _build_section(name, cls, values, source)
+    try:
+        return Config(**sections)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+
+
+def _build_section(name: str, cls: type, values: dict[str, Any], source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+        raise ValueError(f"{source}: unknown key {name}.{unknown[0]}; valid keys in [{name}]: "
+                         f"{', '.join(hints)}")
+    kwargs = {key: _coerce(value, hints[key], f"{name}.{key}", source)
+              for key, value in values.items()}
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        message = str(e)
+        raise ValueError(f"{source}: {message}") from None
+
+
+def _coerce(value: Any, hint: Any, where: str, source: str) -> Any:
+    """`value` as type `hint`, or a ValueError naming the key, the value and the type."""
+
+    def fail() -> ValueError:
+        return ValueError(f"{source}: {where} = {value!r} should be {_type_name(hint)}")
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            try:
+                return _coerce(value, arg, where, source)
+            except ValueError:
+                continue
+        raise fail()
+    if origin is tuple:
+        if isinstance(value, str):  # "a,b" from the command line
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise fail()
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], where, source) for v in value)
+        if len(value) != len(args):
+            raise fail()
+        return tuple(_coerce(v, a, where, source) for v, a in zip(value, args))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise fail()
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise fail()
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise fail()
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise fail()
+    raise AssertionError(f"unsupported config type {hint} for {where}")
+
+
+def _type_name(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_type_name(args[0])}"
+        return f"a list of {len(args)} values"
+    return {bool: "true or false", int: "an integer", float: "a number",
+            str: "a string"}.get(hint, str(hint))
+
+
+def to_toml(config: Config) -> str:
+    """The resolved config as TOML (every key, defaults included)."""
+    lines = []
+    for name in _SECTION_TYPES:
+        lines.append(f"[{name}]")
+        section = getattr(config, name)
+        for f in dataclasses.fields(section):
+            lines.append(f"{f.name} = {_toml_value(getattr(section, f.name))}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise AssertionError(f"cannot write {value!r} as TOML")

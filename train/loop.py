@@ -1,0 +1,409 @@
+"""The training loop. `train(config)` reads in setup order; `train_step` is one optimizer step.
+
+Setup: process group -> data -> initial model -> parallelize -> reference -> optimizer ->
+resume -> loop -> final checkpoint and Hugging Face export.
+
+Loss normalization lives in one place, `train_step`: every micro-batch's summed per-pair losses
+are divided by the number of pairs in the whole optimizer step (all micro-batches, all ranks),
+so the update does not depend on how the step is split. FSDP averages gradients over ranks, so
+the local loss is also multiplied by the world size.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.distributed.fsdp import FSDPModule
+
+from data.layout import Batch
+from data.loader import PreferenceLoader
+from model.hf_checkpoint import save_hf_checkpoint
+from train.build import ModelSource, load_run_data, tokenizer_for
+from train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from train.config import Config, to_toml
+from train.distributed import Distributed, all_reduce_sum, setup, teardown
+from train.forward import attention_mask, batch_sequence_log_probs
+from train.losses import LossConfig, LossState, preference_loss
+from train.metrics import MetricsLogger, forward_flops, peak_flops, peak_memory_gib
+from train.optim import build_optimizer, lr_at, set_lr
+from train.parallelize import freeze, parallelize, reshard
+from train.reference import (LiveReference, TableReference, cache_key, default_cache_dir,
+                             model_fingerprint, no_reference, reference_log_probs)
+from train.scoring import row_multiple
+
+# Per-pair metrics, summed over the step's pairs and divided by their number when logged.
+PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                "logps/chosen", "logps/rejected")
+
+Reference = Callable[[Batch, Any], "Tensor | None"]
+
+
+@dataclass
+class TrainState:
+    step: int = 0                  # optimizer steps done
+    pairs_seen: int = 0
+    tokens_seen: int = 0
+    skipped_steps: int = 0         # steps skipped for a non-finite loss (nonfinite = "skip")
+    loss_state: LossState = field(default_factory=LossState)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "pairs_seen": self.pairs_seen,
+                "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps,
+                "loss_state": self.loss_state.state_dict()}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> TrainState:
+        return cls(state["step"], state["pairs_seen"], state["tokens_seen"],
+                   state["skipped_steps"], LossState.from_state_dict(state["loss_state"]))
+
+
+@dataclass
+class StepResult:
+    loss: float
+    metrics: dict[str, float]   # PAIR_METRICS means, grad_norm
+    num_pairs: int
+    num_tokens: int
+    finite: bool
+    stop_requested: bool
+
+
+def train_step(model: torch.nn.Module, batches: Sequence[Batch], *, reference: Reference,
+               loss_config: LossConfig, loss_state: LossState, optimizer: torch.optim.Optimizer,
+               max_grad_norm: float, env: Distributed, use_flex: bool,
+               stop_requested: bool = False) -> tuple[StepResult, LossState]:
+    """Forward and backward over this rank's micro-batches, then one optimizer update (skipped
+    when the loss or the gradient is not finite)."""
+    device = env.device
+    local_pairs = sum(b.num_pairs for b in batches)
+    local_tokens = sum(b.num_tokens for b in batches)
+    num_pairs, num_tokens, stops = all_reduce_sum(
+        [local_pairs, local_tokens, float(stop_requested)], device)
+    scale = env.world_size / max(num_pairs, 1.0)
+    sliding_window = model.config.sliding_window
+    sums = torch.zeros(1 + len(PAIR_METRICS), dtype=torch.float64, device=device)
+    sharded = isinstance(model, FSDPModule)
+    for index, batch in enumerate(batches):
+        if sharded:  # reduce-scatter gradients once, after the last micro-batch
+            model.set_requires_gradient_sync(index == len(batches) - 1)
+        batch = batch.to(device, non_blocking=True)
+        mask = attention_mask(batch, sliding_window, use_flex)
+        logps, num_seq_tokens = batch_sequence_log_probs(model, batch, mask)
+        ref = reference(batch, mask)
+        chosen, rejected = batch.chosen_sequence, batch.rejected_sequence
+        losses, metrics, loss_state = preference_loss(
+            loss_config, logps[chosen], logps[rejected],
+            None if ref is None else ref[chosen], None if ref is None else ref[rejected],
+            num_seq_tokens[chosen], num_seq_tokens[rejected], loss_state, check_finite=False)
+        (losses.sum() * scale).backward()
+        sums += torch.stack([losses.detach().sum().double()]
+                            + [metrics[name].detach().sum().double() for name in PAIR_METRICS])
+    if env.world_size > 1:
+        torch.distributed.all_reduce(sums)
+    totals = (sums / max(num_pairs, 1.0)).tolist()
+    loss = totals[0]
+    grad_norm = _clip_grad_norm(model, max_grad_norm)
+    finite = math.isfinite(loss) and math.isfinite(grad_norm)
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    metrics = dict(zip(PAIR_METRICS, totals[1:]))
+    metrics["grad_norm"] = grad_norm
+    return StepResult(loss, metrics, int(num_pairs), int(num_tokens), finite,
+                      stops > 0), loss_state
+
+
+def _clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
+        return 0.0
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf,
+                                          foreach=True)
+    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: PreferenceLoader, *, reference: Reference,
+             loss_config: LossConfig, loss_state: LossState, env: Distributed,
+             use_flex: bool) -> dict[str, float]:
+    """Loss and reward metrics over the held-out examples (each once, sharded by rank)."""
+    sums = torch.zeros(2 + len(PAIR_METRICS), dtype=torch.float64, device=env.device)
+    for batch in loader.one_pass():
+        batch = batch.to(env.device, non_blocking=True)
+        mask = attention_mask(batch, model.config.sliding_window, use_flex)
+        logps, num_seq_tokens = batch_sequence_log_probs(model, batch, mask)
+        ref = reference(batch, mask)
+        chosen, rejected = batch.chosen_sequence, batch.rejected_sequence
+        losses, metrics, _ = preference_loss(
+            loss_config, logps[chosen], logps[rejected],
+            None if ref is None else ref[chosen], None if ref is None else ref[rejected],
+            num_seq_tokens[chosen], num_seq_tokens[rejected], loss_state, check_finite=False)
+        sums += torch.stack([torch.tensor(float(batch.num_pairs), device=env.device,
+                                          dtype=torch.float64), losses.sum().double()]
+                            + [metrics[name].sum().double() for name in PAIR_METRICS])
+    reshard(model)
+    if env.world_size > 1:
+        torch.distributed.all_reduce(sums)
+    count, *values = sums.tolist()
+    names = ["loss", *PAIR_METRICS]
+    return {f"eval/{name}": value / max(count, 1.0) for name, value in zip(names, values)}
+
+
+class StopSignal:
+    """SIGTERM / SIGINT ask for a clean stop: the loop saves a checkpoint at the end of the
+    current step and exits. A second SIGINT interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def train(config: Config) -> Path:
+    """Run the configured training; returns the output folder."""
+    env = setup(config.train.device)
+    try:
+        return _train(config, env)
+    finally:
+        teardown()
+
+
+def _train(config: Config, env: Distributed) -> Path:
+    cfg_train, device = config.train, env.device
+    use_flex = device.type == "cuda"
+    output_dir = Path(cfg_train.output_dir)
+    if env.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    config_toml = to_toml(config)
+    log = print if env.is_main else _quiet
+    log(f"config (resolved):\n{config_toml}")
+    log(f"{env.world_size} rank(s) on {device.type}")
+
+    # Data.
+    source = ModelSource.from_section(config.model)
+    tokenizer = tokenizer_for(config.data, source)
+    data = load_run_data(config.data, tokenizer, cfg_train.seed, progress=env.is_main)
+    log(data.summary())
+
+    # The initial model, sharded. Parameters are float32; CUDA computes in bfloat16.
+    model = source.build(device)
+    model = parallelize(model, env.mesh, mixed_precision=use_flex,
+                        activation_checkpointing=cfg_train.activation_checkpointing,
+                        compile=cfg_train.compile and use_flex)
+    log(f"model: {source.config.architecture}, {source.config.num_params / 1e6:.1f}M parameters")
+
+    # The reference, while the model still holds its initial weights.
+    reference, eval_reference = _reference(config, source, model, data, env, use_flex, log)
+
+    optimizer = build_optimizer(model, config.optim, device)
+    loader = PreferenceLoader(data.train, config.data.layout, cfg_train.micro_batch_size,
+                              cfg_train.grad_accum, env.world_size, env.rank, cfg_train.seed,
+                              data.fit.packing_length, row_multiple(use_flex),
+                              pin_memory=use_flex)
+    eval_loader = PreferenceLoader(data.eval, config.data.layout, cfg_train.micro_batch_size,
+                                   world_size=env.world_size, rank=env.rank, shuffle=False,
+                                   packing_length=data.fit.packing_length,
+                                   pad_multiple=row_multiple(use_flex)) if data.eval else None
+
+    state = TrainState()
+    checkpoints = list_checkpoints(output_dir) if config.checkpoint.resume else []
+    if checkpoints:
+        saved = load_checkpoint(checkpoints[-1], model, optimizer, env.rank)
+        state = TrainState.from_state_dict(saved["train"])
+        loader.load_state_dict(saved["loader"])
+        log(f"resumed from {checkpoints[-1]} (step {state.step})")
+
+    def checkpoint() -> Path:
+        return save_checkpoint(
+            output_dir, state.step, model, optimizer,
+            {"train": state.state_dict(), "loader": loader.state_dict()}, config_toml,
+            config.checkpoint.keep_last, env)
+
+    def run_eval() -> None:
+        if eval_loader is not None:
+            logger.log(state.step, evaluate(model, eval_loader, reference=eval_reference,
+                                            loss_config=config.loss,
+                                            loss_state=state.loss_state, env=env,
+                                            use_flex=use_flex), prefix="eval ")
+
+    logger = MetricsLogger(output_dir, cfg_train.steps, state.step, env.is_main)
+    stop = StopSignal()
+    peak = peak_flops(device)
+    window = _Window()
+    last_saved = state.step if checkpoints else -1
+    batches_iter = iter(loader)
+    try:
+        while state.step < cfg_train.steps:
+            start = time.perf_counter()
+            batches = next(batches_iter)
+            set_lr(optimizer, lr_at(state.step, cfg_train.steps, config.optim))
+            try:
+                result, loss_state = train_step(
+                    model, batches, reference=reference, loss_config=config.loss,
+                    loss_state=state.loss_state, optimizer=optimizer,
+                    max_grad_norm=config.optim.max_grad_norm, env=env, use_flex=use_flex,
+                    stop_requested=stop.requested)
+            except torch.OutOfMemoryError:
+                raise ValueError(
+                    "out of memory in the training step: lower train.micro_batch_size or "
+                    "data.packing_length, set train.activation_checkpointing = true, or use "
+                    "more ranks") from None
+            if not result.finite:
+                if cfg_train.nonfinite == "stop":
+                    previous = list_checkpoints(output_dir)
+                    raise ValueError(
+                        f"non-finite loss or gradient at step {state.step + 1} (loss "
+                        f"{result.loss}, grad_norm {result.metrics['grad_norm']}); the update "
+                        "was not applied. Last checkpoint: "
+                        f"{previous[-1] if previous else 'none'}. Lower optim.lr, check the "
+                        "data, or set train.nonfinite = 'skip'")
+                state.skipped_steps += 1
+                log(f"step {state.step + 1}: non-finite loss, update skipped "
+                    f"({state.skipped_steps} so far)")
+            state.loss_state = loss_state
+            state.step += 1
+            state.pairs_seen += result.num_pairs
+            state.tokens_seen += result.num_tokens
+            flops = sum(forward_flops(b, source.config) for b in batches) * (
+                3 + (config.reference.mode == "live"))
+            window.add(time.perf_counter() - start, result, flops)
+            logger.advance()
+            if state.step % cfg_train.log_every == 0 or state.step == cfg_train.steps:
+                logger.log(state.step, {
+                    **window.means(), "grad_norm": result.metrics["grad_norm"],
+                    "lr": optimizer.param_groups[0]["lr"], **window.rates(peak),
+                    "peak_memory_gib": peak_memory_gib(device), "epoch": loader.epoch})
+                window = _Window()
+            if cfg_train.eval_every and state.step % cfg_train.eval_every == 0:
+                run_eval()
+            if result.stop_requested:
+                log(f"stop requested: saving a checkpoint at step {state.step}")
+                checkpoint()
+                return output_dir
+            if config.checkpoint.every and state.step % config.checkpoint.every == 0:
+                checkpoint()
+                last_saved = state.step
+        if not cfg_train.eval_every or state.step % cfg_train.eval_every:
+            run_eval()
+        if last_saved != state.step:
+            checkpoint()
+        if config.checkpoint.export_hf:
+            export_dir = export(model, source, tokenizer_dir(config, source), output_dir / "hf",
+                                env)
+            log(f"exported a Hugging Face checkpoint to {export_dir}")
+    finally:
+        batches_iter.close()  # stops the loader's background thread
+        stop.restore()
+        logger.close()
+    return output_dir
+
+
+def _reference(config: Config, source: ModelSource, model: torch.nn.Module, data, env,
+               use_flex: bool, log) -> tuple[Reference, Reference]:
+    mode = config.reference.mode
+    if mode == "none":
+        return no_reference, no_reference
+    if mode == "live":
+        dtype = torch.bfloat16 if use_flex else torch.float32
+        frozen = parallelize(freeze(source.build(env.device, dtype)), env.mesh,
+                             mixed_precision=False, compile=config.train.compile and use_flex)
+        live = LiveReference(frozen)
+        return live, live
+    model_id = model_fingerprint(source.checkpoint_dir, source.config_path, source.seed)
+    dtype = "bfloat16" if use_flex else "float32"
+    cache_dir = Path(config.reference.cache_dir) if config.reference.cache_dir \
+        else default_cache_dir()
+    tables = []
+    for name, examples in (("train", data.train), ("eval", data.eval)):
+        if not examples:
+            tables.append(no_reference)
+            continue
+        table = reference_log_probs(
+            model, examples, key=cache_key(model_id, examples, dtype),
+            run_dir=Path(config.train.output_dir), cache_dir=cache_dir, name=name,
+            micro_batch_size=config.train.micro_batch_size, device=env.device,
+            use_flex=use_flex, rank=env.rank, world_size=env.world_size, log=log)
+        tables.append(TableReference(table))
+    return tables[0], tables[1]
+
+
+def tokenizer_dir(config: Config, source: ModelSource) -> Path | None:
+    if config.data.tokenizer and Path(config.data.tokenizer).is_dir():
+        return Path(config.data.tokenizer)
+    return source.checkpoint_dir
+
+
+def export(model: torch.nn.Module, source: ModelSource, tokenizer_folder: Path | None,
+           out: Path, env: Distributed) -> Path:
+    """Gather the full weights on rank 0 and write a Hugging Face checkpoint, in the dtype of
+    the source checkpoint's config (float32 for a random initialization)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                  cpu_offload=True))
+    if env.is_main:
+        dtype_name = source.config.hf_config.get("torch_dtype") or \
+            source.config.hf_config.get("dtype") or "float32"
+        dtype = getattr(torch, dtype_name, torch.float32)
+        state = {k: v.to(dtype) for k, v in state.items()}
+        save_hf_checkpoint(state, source.config, out, tokenizer_dir=tokenizer_folder)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return out
+
+
+class _Window:
+    """The steps since the last log line: loss and reward metrics averaged over their pairs,
+    and throughput."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self.pairs = self.tokens = 0
+        self.flops = 0.0
+        self.sums: dict[str, float] = {}
+        self.averaged_pairs = 0  # pairs of steps with a finite loss
+
+    def add(self, seconds: float, result: StepResult, flops: float) -> None:
+        """`flops`: this rank's useful FLOPs (MFU is per accelerator)."""
+        self.seconds += seconds
+        self.pairs += result.num_pairs
+        self.tokens += result.num_tokens
+        self.flops += flops
+        if result.finite:
+            self.averaged_pairs += result.num_pairs
+            for name, value in (("loss", result.loss),
+                                *((n, result.metrics[n]) for n in PAIR_METRICS)):
+                self.sums[name] = self.sums.get(name, 0.0) + value * result.num_pairs
+
+    def means(self) -> dict[str, float]:
+        return {name: total / max(self.averaged_pairs, 1) for name, total in self.sums.items()}
+
+    def rates(self, peak: float | None) -> dict[str, float]:
+        seconds = max(self.seconds, 1e-9)
+        rates = {"pairs_per_s": self.pairs / seconds, "tokens_per_s": self.tokens / seconds}
+        if peak:
+            rates["mfu"] = self.flops / seconds / peak
+        return rates
+
+
+def _quiet(*args, **kwargs) -> None:
+    """Ranks other than 0 print nothing."""

@@ -1,0 +1,111 @@
+"""Training metrics: FLOP counting for MFU, peak memory, and the logger (stdout line, tqdm bar,
+`metrics.jsonl`).
+
+FLOPs are those the step really computes, counted from the batch: for every non-padding token
+the decoder layers' matmuls (6 x layer params: forward and backward), the head for every target
+token only (the kernel never computes prompt logits), and attention over the (query, key) pairs
+the mask allows (each query sees `min(position + 1, window)` keys in every layout). A live
+reference adds its forward (a third of that). Padding and masked-out attention are not counted,
+so MFU measures useful work.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from data.layout import PADDING_DOCUMENT, Batch
+from model.config import ModelConfig
+
+# Dense bfloat16 tensor-core peak per GPU, by name fragment (datasheet values).
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12,
+                   "A800": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def forward_flops(batch: Batch, config: ModelConfig) -> float:
+    """FLOPs of one forward over the batch's useful tokens (see the module docstring)."""
+    real = batch.document_ids != PADDING_DOCUMENT
+    tokens = int(real.sum())
+    keys = batch.positions + 1
+    if config.sliding_window is not None:
+        keys = keys.clamp(max=config.sliding_window)
+    attention_pairs = int((keys * real).sum())
+    d = config.hidden_size
+    head = 0 if config.tie_word_embeddings else config.vocab_size * d
+    layer_params = config.num_params - config.vocab_size * d - head - d
+    attention = 4 * config.num_hidden_layers * config.num_attention_heads * config.head_dim
+    return (2 * layer_params * tokens + 2 * config.vocab_size * d * len(batch.target_ids)
+            + attention * attention_pairs)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    # Peak resident set size of the process (KiB on Linux).
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+class MetricsLogger:
+    """Rank 0 prints one line per logged step (above a tqdm bar) and appends the same values
+    to `metrics.jsonl`; other ranks stay quiet."""
+
+    def __init__(self, output_dir: Path, total_steps: int, start_step: int, enabled: bool):
+        self.enabled = enabled
+        self.path = output_dir / "metrics.jsonl"
+        self.bar = None
+        if not enabled:
+            return
+        if start_step and self.path.is_file():
+            # A resumed run logs again the steps after its checkpoint: drop the old lines.
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= start_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        elif not start_step:
+            self.path.unlink(missing_ok=True)
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="training", unit="step",
+                        dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
+
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def log(self, step: int, metrics: dict[str, Any], prefix: str = "") -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **metrics}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        shown = " ".join(f"{k}={_short(v)}" for k, v in metrics.items())
+        message = f"{prefix}step {step}: {shown}"
+        if self.bar is not None:
+            self.bar.write(message, file=sys.stdout)
+        else:
+            print(message, flush=True)
+
+    def print(self, message: str) -> None:
+        if self.enabled:
+            (self.bar.write(message, file=sys.stdout) if self.bar is not None
+             else print(message, flush=True))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)

@@ -1,0 +1,59 @@
+"""Scoring: the log-prob of every sequence of a dataset under a model, no gradient.
+
+Used to precompute reference log-probs before training and by `scripts/score.py`. Each rank
+scores its share of the micro-batches; the results are summed across ranks, so every rank ends
+with the whole table, in the dataset's sequence numbering (`data.layout.Numbering`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from data.example import Example
+from data.layout import Numbering, document_lengths, is_packed, is_shared
+from data.loader import PreferenceLoader
+from train.forward import attention_mask, batch_sequence_log_probs
+from train.parallelize import reshard
+
+
+def row_multiple(use_flex: bool) -> int:
+    """Unpacked rows are padded to a multiple of this: FlexAttention's block size on CUDA
+    (fewer distinct shapes to compile), a small multiple on CPU."""
+    return 128 if use_flex else 8
+
+
+@torch.no_grad()
+def score_sequences(model: torch.nn.Module, examples: Sequence[Example], *, layout: str,
+                    packing_length: int, micro_batch_size: int, device: torch.device,
+                    use_flex: bool, rank: int = 0, world_size: int = 1,
+                    progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-prob sums float64 `[num_sequences]`, token counts int64 `[num_sequences]`).
+    In unpacked layouts a micro-batch grows to the rows of the largest example if needed."""
+    if not is_packed(layout):
+        micro_batch_size = max(micro_batch_size, max(
+            len(document_lengths(e, is_shared(layout))) for e in examples))
+    loader = PreferenceLoader(examples, layout, micro_batch_size, world_size=world_size,
+                              rank=rank, packing_length=packing_length, shuffle=False,
+                              pad_multiple=row_multiple(use_flex),
+                              pin_memory=device.type == "cuda")
+    num_sequences = Numbering(examples).num_sequences
+    logps = torch.zeros(num_sequences, dtype=torch.float64, device=device)
+    counts = torch.zeros(num_sequences, dtype=torch.int64, device=device)
+    sliding_window = model.config.sliding_window
+    total = -(-len(loader.micro_batch_plan(0)) // world_size)
+    for batch in tqdm(loader.one_pass(), total=total, desc="scoring", unit="batch",
+                      disable=not progress, dynamic_ncols=True):
+        batch = batch.to(device, non_blocking=True)
+        sums, num_tokens = batch_sequence_log_probs(
+            model, batch, attention_mask(batch, sliding_window, use_flex))
+        logps.index_add_(0, batch.sequence_ids, sums.double())
+        counts.index_add_(0, batch.sequence_ids, num_tokens)
+    reshard(model)
+    if world_size > 1:
+        dist.all_reduce(logps)
+        dist.all_reduce(counts)
+    return logps, counts
