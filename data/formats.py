@@ -6,7 +6,9 @@ Formats (names as in `data.format`; "auto" picks one from the first record):
 - conversational: {"prompt": [messages], "chosen": [messages], "rejected": [messages]}, where a
                  message is {"role": ..., "content": str} (a single message object is accepted
                  for chosen/rejected); or without "prompt", "chosen"/"rejected" holding whole
-                 conversations. Then each side's prompt is everything before its final assistant
+                 conversations (a plain-text "prompt" beside whole conversations, as in
+                 argilla's Capybara and UltraFeedback sets, is ignored; beside replies only,
+                 it is the user's message). Then each side's prompt is everything before its final assistant
                  message(s), which are the completion; for the usual data both prompts are equal
                  (the longest common message prefix) and shared. LLaMA-Factory's sharegpt form
                  {"conversations": [{"from", "value"}...], "chosen": {...}, "rejected": {...},
@@ -141,8 +143,15 @@ def _parse_conversational(record: dict, location: str) -> Preference:
     chosen = _messages(_get(record, "chosen", fmt, location), "chosen", location, single=True)
     rejected = _messages(_get(record, "rejected", fmt, location), "rejected", location,
                          single=True)
-    if "prompt" in record:
-        prompt = _messages(record["prompt"], "prompt", location)
+    prompt_value = record.get("prompt")
+    if isinstance(prompt_value, str) and chosen[0].get("role") != "assistant":
+        # Whole conversations plus a plain-text copy of the last user turn (argilla's Capybara
+        # and UltraFeedback sets): the conversations are authoritative.
+        prompt_value = None
+    elif isinstance(prompt_value, str):
+        prompt_value = [{"role": "user", "content": prompt_value}]
+    if prompt_value is not None:
+        prompt = _messages(prompt_value, "prompt", location)
         _check_reply(chosen, "chosen", location)
         _check_reply(rejected, "rejected", location)
         return _pair(record, location, CHAT, (prompt, chosen), (prompt, rejected))

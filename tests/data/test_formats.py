@@ -54,6 +54,16 @@ def test_conversational_implicit_prompt():
                         PreferenceGroup(tuple(other), ((A2,),)))
 
 
+def test_conversational_with_a_plain_text_prompt():
+    """argilla's Capybara rows: whole conversations plus a text copy of the last user turn,
+    which is ignored; beside replies only, a text prompt is the user's message."""
+    history = [U, {"role": "assistant", "content": "yes"}, {"role": "user", "content": "more"}]
+    p = parse({"prompt": "more", "chosen": history + [A1], "rejected": history + [A2]})
+    assert p.groups == (PreferenceGroup(tuple(history), ((A1,), (A2,))),)
+    p = parse({"prompt": "hi", "chosen": [A1], "rejected": [A2]}, fmt="conversational")
+    assert p.groups == (PreferenceGroup((U,), ((A1,), (A2,))),)
+
+
 def test_sharegpt_conversations():
     p = parse({"conversations": [{"from": "human", "value": "hi"}], "system": "be kind",
                "chosen": {"from": "gpt", "value": "good"},

@@ -175,3 +175,21 @@ def test_cli_errors_are_one_line(run_config, tmp_path):
     process = launch(run_config, f"--data.path={tmp_path / 'absent.jsonl'}")
     _, err = process.communicate(timeout=120)
     assert process.returncode == 1 and "Traceback" not in err and "absent.jsonl" in err
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("overrides, first_loss, table", [
+    (("--reference.mode=live",), math.log(2), False),
+    # SimPO at step 1: -log sigmoid(beta * (avg_w - avg_l) - gamma); not ln 2, but finite.
+    (("--reference.mode=none", "--loss.type=simpo"), None, False),
+    (("--data.layout=paired",), math.log(2), True),
+])
+def test_reference_modes_and_layouts(run_config, tmp_path, overrides, first_loss, table):
+    out_dir = tmp_path / "run"
+    run(run_config, "--train.steps=2", "--checkpoint.every=0", "--checkpoint.export_hf=false",
+        *overrides)
+    first = losses(out_dir)[1]
+    assert math.isfinite(first)
+    if first_loss is not None:
+        assert first == pytest.approx(first_loss, abs=1e-5)
+    assert (out_dir / "reference_logps_train.safetensors").exists() == table

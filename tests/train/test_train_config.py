@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import tomllib
+from pathlib import Path
 
 import pytest
 
 from train.config import build_config, load_config, parse_override, to_toml
 
+REPO = Path(__file__).resolve().parents[2]
 MINIMAL = """
 [model]
 config = "configs/models/demo-llama.json"
@@ -71,3 +73,36 @@ def test_override_values_are_toml_or_bare_strings():
     assert parse_override("--data.path=a/b.jsonl") == ("data", "path", "a/b.jsonl")
     assert parse_override("--train.steps=10") == ("train", "steps", 10)
     assert parse_override('--data.path="x y"') == ("data", "path", "x y")
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.toml")),
+                         ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    config = load_config(path)
+    assert config.train.steps > 0 and (config.model.path or config.model.config)
+
+
+def test_readme_documents_every_key():
+    """The README's config reference lists every key of every section with its default."""
+    import dataclasses
+    import re
+    import typing
+
+    from train.config import Config
+
+    readme = (REPO / "README.md").read_text()
+    for section, cls in typing.get_type_hints(Config).items():
+        block = readme.split(f"**[{section}]**", 1)[1].split("**[", 1)[0]
+        for f in dataclasses.fields(cls):
+            row = re.search(rf"^\| `{f.name}` \| (.+?) \|", block, re.MULTILINE)
+            assert row, (section, f.name)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if row.group(1) == "(required)":
+                assert default == "", (section, f.name)
+                continue
+            shown = tomllib.loads(f"v = {row.group(1).strip('`')}")["v"]
+            if isinstance(default, tuple):
+                shown = tuple(shown) if isinstance(shown, list) else (shown,)
+            assert shown == default, (section, f.name, shown, default)
