@@ -1,0 +1,646 @@
+"""Throughput of full DPO training steps in the four layouts, measured in one run.
+
+    python benchmarks/throughput.py [--quick] [--model tiny|llama-3.2-1b|llama-3.1-8b|
+        mistral-7b|CONFIG.json] [--dataset hh-rlhf|capybara|... | --data FILE... --tokenizer DIR]
+        [--layouts paired,paired+packed,shared,shared+packed] [--pairs N]
+        [--tokens-per-micro-batch T] [--packing-length auto|L] [--reference precomputed|live]
+        [--json OUT] [--profile]
+
+What is timed: for each layout, one pass over the same examples, each step a full
+`train.loop.train_step` (policy forward + backward, the reference, gradient clipping, AdamW
+update), with the loader's background prefetching exactly as in training. Before the pass, a
+few warm-up steps (compilation, allocator) from the start of the same plan are run and not
+timed (compiled unpacked layouts: also one micro-batch of each extreme shape, see
+`warmup_steps`).
+Each layout starts from a freshly built model (same seed), a fresh optimizer and an
+empty compile cache, so the order of layouts does not matter. On CUDA the model is set up as
+the trainer does it: `train.parallelize` with bfloat16 mixed precision and compiled decoder
+layers (FSDP2 over a group of one rank), FlexAttention with one BlockMask per micro-batch; on
+CPU in float32 with the dense mask, uncompiled.
+
+Like with like: every layout processes the same examples, each exactly once (the pairs and
+non-padding tokens of every layout are checked against the examples). They are first fitted
+ONCE to the packing length in the paired layout (the stricter one: the prompt counts twice),
+so no layout cuts anything another does not. Batching rule, one token budget T per micro-batch
+(padding included):
+- packed layouts: rows of `packing_length` L, `T // L` rows per micro-batch, packed by the
+  loader (best-fit decreasing); the SAME L and row count for paired+packed and shared+packed,
+  so their shapes and compiled graphs are identical and the shared layout simply needs fewer
+  micro-batches;
+- unpacked layouts: in the loader's shuffled order, a micro-batch takes whole examples (paired:
+  two rows each, shared: one) while rows x (longest row rounded up to the trainer's row
+  multiple: 128 on CUDA, 8 on CPU) <= T; an example bigger than T alone gets its own.
+`--packing-length auto` is the trainer's auto rule applied to the paired lengths (1.1 x the
+95th percentile rounded up to 128, never below the longest), so by default nothing is cut.
+One optimizer step takes `--grad-accum` micro-batches (default 1).
+
+Data: real preference files with a tokenizer (`--data ... --tokenizer ...`), or a synthetic
+profile with the median total length (prompt + chosen, in tokens) and the prompt/completion
+length ratio of one of the six datasets of Wang & Hegde (2024), Table 1. Synthetic lengths:
+prompt, chosen and rejected lengths are drawn independently from lognormals with sigma
+`--spread` (default 0.5) and medians m * r / (1 + r) and m / (1 + r), all scaled so that the
+sample median of prompt + chosen is exactly m, then clipped to [1, 4 x their median]; token ids
+are uniform. The measured medians are printed beside the targets.
+
+Reported per layout: pairs/s, non-padding tokens/s, padding fraction, MFU (CUDA: useful FLOPs
+from `train.metrics.forward_flops`, x3 for forward + backward, +1 forward for a live reference,
+over time and the GPU's bf16 peak), peak memory (CUDA: max allocated since the layout's start;
+CPU: the process's peak RSS, never reset), time blocked waiting for the loader, graphs compiled
+after warm-up (torch._dynamo counters: 0 means no recompilation), and the ratio of pairs/s to
+`paired` and to `paired+packed`. Also the token-ratio ceiling of the data: tokens of the paired
+layouts / tokens of the shared ones. Absolute figures mean something only on a GPU; the ratios
+are what to compare, and on CPU even they are skewed: the dense mask makes attention cost L x L
+per row whatever the mask allows (packed rows pay for every masked-out pair), and a tiny model's
+time goes mostly to its vocabulary head, whose work (one row per completion token) is the same
+in every layout. `--profile` prints a torch.profiler table of one extra (untimed) step per
+layout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import gc
+import json
+import logging
+import math
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from data.config import DataConfig  # noqa: E402
+from data.dataset import load_preference_data  # noqa: E402
+from data.example import Example, Group  # noqa: E402
+from data.layout import (Batch, Numbering, collate, document_lengths, is_packed,  # noqa: E402
+                         is_shared)
+from data.loader import PreferenceLoader, example_length, fit_examples  # noqa: E402
+from data.packing import auto_packing_length, round_up  # noqa: E402
+from data.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
+from model.config import ModelConfig  # noqa: E402
+from model.transformer import build_model  # noqa: E402
+from train.config import OptimSection  # noqa: E402
+from train.distributed import Distributed, setup  # noqa: E402
+from train.loop import train_step  # noqa: E402
+from train.losses import LossConfig, LossState  # noqa: E402
+from train.metrics import forward_flops, peak_flops, peak_memory_gib  # noqa: E402
+from train.optim import build_optimizer  # noqa: E402
+from train.parallelize import freeze, parallelize  # noqa: E402
+from train.reference import LiveReference, TableReference  # noqa: E402
+from train.scoring import row_multiple  # noqa: E402
+
+LAYOUTS = ("paired", "paired+packed", "shared", "shared+packed")
+
+# Median prompt+chosen length in tokens and prompt/completion length ratio (Wang & Hegde 2024,
+# "Accelerating Direct Preference Optimization with Prefix Sharing", Table 1).
+PROFILES = {
+    "capybara": (1160, 1.59),
+    "hh-rlhf": (186, 2.15),
+    "metamath-dpo": (872, 3.91),
+    "tldr": (416, 11.14),
+    "tulu-helpsteer": (775, 6.34),
+    "ultrafeedback": (409, 0.42),
+}
+
+_LLAMA = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
+              rms_norm_eps=1e-5, initializer_range=0.02)
+_LLAMA3_ROPE = dict(rope_type="llama3", low_freq_factor=1.0, high_freq_factor=4.0,
+                    original_max_position_embeddings=8192)
+# Architecture fields of the real models (their config.json), so no file is needed.
+PRESETS: dict[str, dict[str, Any]] = {
+    # CPU-sized; takes the tokenizer's vocabulary when real data is given.
+    "tiny": dict(_LLAMA, vocab_size=4096, hidden_size=128, intermediate_size=384,
+                 num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                 rope_theta=10000.0, tie_word_embeddings=True, max_position_embeddings=8192),
+    "llama-3.2-1b": dict(_LLAMA, vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                         num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                         head_dim=64, rope_theta=500000.0, tie_word_embeddings=True,
+                         rope_scaling=dict(_LLAMA3_ROPE, factor=32.0),
+                         max_position_embeddings=131072),
+    "llama-3.1-8b": dict(_LLAMA, vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                         head_dim=128, rope_theta=500000.0, tie_word_embeddings=False,
+                         rope_scaling=dict(_LLAMA3_ROPE, factor=8.0),
+                         max_position_embeddings=131072),
+    "mistral-7b": dict(architectures=["MistralForCausalLM"], model_type="mistral",
+                       hidden_act="silu", rms_norm_eps=1e-5, initializer_range=0.02,
+                       vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                       head_dim=128, rope_theta=10000.0, sliding_window=4096,
+                       tie_word_embeddings=False, max_position_embeddings=32768),
+}
+
+QUICK = dict(model="tiny", dataset="hh-rlhf", pairs=32, tokens_per_micro_batch=2048,
+             warmup_steps=1, device="cpu")
+
+
+# ---- model and data -----------------------------------------------------------------------
+
+
+def model_config(name: str, num_layers: int | None, tokenizer_vocab: int | None) -> ModelConfig:
+    if name in PRESETS:
+        fields = dict(PRESETS[name])
+        if name == "tiny" and tokenizer_vocab:
+            fields["vocab_size"] = tokenizer_vocab
+        config = ModelConfig.from_hf_dict(fields, source=f"preset {name}")
+    elif Path(name).exists():
+        config = ModelConfig.from_file(name)
+    else:
+        raise ValueError(f"--model {name!r}: neither a preset ({', '.join(PRESETS)}) nor a "
+                         "config.json file or folder")
+    if num_layers:
+        config = dataclasses.replace(config, num_hidden_layers=num_layers)
+    return config
+
+
+def synthetic_examples(profile: str, num_pairs: int, vocab_size: int, spread: float,
+                       seed: int) -> list[Example]:
+    """Random-token pairs with the profile's length statistics (see the module docstring)."""
+    median, ratio = PROFILES[profile]
+    rng = np.random.default_rng(seed)
+    prompt_median, completion_median = median * ratio / (1 + ratio), median / (1 + ratio)
+    prompts = rng.lognormal(math.log(prompt_median), spread, num_pairs)
+    chosen = rng.lognormal(math.log(completion_median), spread, num_pairs)
+    rejected = rng.lognormal(math.log(completion_median), spread, num_pairs)
+    scale = median / np.median(prompts + chosen)
+
+    def lengths(values: np.ndarray, typical: float) -> np.ndarray:
+        return np.clip(np.rint(values * scale), 1, max(1, round(4 * typical))).astype(int)
+
+    prompts = lengths(prompts, prompt_median)
+    chosen = lengths(chosen, completion_median)
+    rejected = lengths(rejected, completion_median)
+
+    def tokens(n: int) -> np.ndarray:
+        return rng.integers(3, vocab_size, n, dtype=np.int32)  # 0-2: special ids, unused
+
+    return [Example(i, (Group(tokens(p), (tokens(c), tokens(r))),), ((0, 1),))
+            for i, (p, c, r) in enumerate(zip(prompts, chosen, rejected))]
+
+
+def real_examples(files: Sequence[str], tokenizer: Tokenizer, fmt: str) -> list[Example]:
+    logging.getLogger("data.dataset").setLevel(logging.ERROR)  # skipped rows: counted here
+    examples: list[Example] = []
+    for file in files:
+        data = load_preference_data(DataConfig(path=file, format=fmt, bad_rows="skip"),
+                                    tokenizer, progress=False)
+        print(f"{file}: {len(data.examples)} examples, {data.num_skipped} bad rows skipped")
+        examples.extend(data.examples)
+    return examples
+
+
+def data_statistics(examples: Sequence[Example]) -> dict[str, float]:
+    """Medians of the first group of every example (prompt, chosen, prompt + chosen)."""
+    prompts = np.array([len(e.groups[0].prompt) for e in examples])
+    chosen = np.array([len(e.groups[0].completions[0]) for e in examples])
+    paired = sum(e.num_paired_tokens for e in examples)
+    shared = sum(e.num_shared_tokens for e in examples)
+    return {"median_prompt_plus_chosen": float(np.median(prompts + chosen)),
+            "median_prompt": float(np.median(prompts)),
+            "median_chosen": float(np.median(chosen)),
+            "prompt_completion_ratio": float(np.median(prompts) / np.median(chosen)),
+            "paired_tokens": paired, "shared_tokens": shared,
+            "token_ratio_ceiling": paired / shared}
+
+
+# ---- the loader, with unpacked micro-batches sized by tokens -------------------------------
+
+
+class TokenBudgetLoader(PreferenceLoader):
+    """The trainer's loader; in unpacked layouts a micro-batch holds as many whole examples as
+    fit `tokens_per_micro_batch` once padded (the trainer's loader uses a fixed row count).
+    Packed layouts are planned and built exactly as in training."""
+
+    def __init__(self, examples: Sequence[Example], layout: str, tokens_per_micro_batch: int,
+                 packing_length: int, pad_multiple: int, grad_accum: int, seed: int,
+                 prefetch: int, pin_memory: bool):
+        self.tokens_per_micro_batch = tokens_per_micro_batch
+        rows = tokens_per_micro_batch // packing_length if is_packed(layout) else \
+            max(len(document_lengths(e, is_shared(layout))) for e in examples)
+        super().__init__(examples, layout, rows, grad_accum, seed=seed,
+                         packing_length=packing_length, pad_multiple=pad_multiple,
+                         prefetch=prefetch, pin_memory=pin_memory)
+
+    def longest_document(self, position: int) -> int:
+        return max(document_lengths(self.examples[position], is_shared(self.layout)))
+
+    def _plan(self, epoch: int) -> list[list[list[int]]]:
+        if is_packed(self.layout):
+            return super()._plan(epoch)
+        rng = np.random.default_rng([self.seed, epoch])  # the loader's shuffle
+        order = rng.permutation(len(self.examples)) if self.shuffle \
+            else np.arange(len(self.examples))
+        micro, current, longest = [], [], 0
+        for i in order.tolist():
+            k, n = self.num_documents[i], self.longest_document(i)
+            padded = (len(current) + k) * round_up(max(longest, n), self.pad_multiple)
+            if current and padded > self.tokens_per_micro_batch:
+                micro.append(current)
+                current, longest = [], 0
+            current.extend([[i]] * k)  # one row per document
+            longest = max(longest, n)
+        if current:
+            micro.append(current)
+        return micro
+
+    def build(self, rows: list[list[int]]) -> Batch:
+        if is_packed(self.layout):
+            return super().build(rows)
+        if not rows:  # the padding micro-batch that completes an epoch's last step
+            rows, length = [[]], self.pad_multiple
+        else:
+            length = round_up(max(self.longest_document(row[0]) for row in rows),
+                              self.pad_multiple)
+        batch = collate(rows, self.examples, self.numbering, self.layout, length)
+        return batch.pin_memory() if self.pin_memory else batch
+
+
+# ---- one layout ---------------------------------------------------------------------------
+
+
+def compile_counts() -> dict[str, int]:
+    """Graphs dynamo has compiled and graph breaks so far in this process (never reset)."""
+    from torch._dynamo.utils import counters
+
+    return {"graphs": int(counters["stats"]["unique_graphs"]),
+            "graph_breaks": int(sum(counters["graph_break"].values()))}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_layout(layout: str, examples: list[Example], config: ModelConfig,
+                   args: argparse.Namespace, env: Distributed, packing_length: int) -> dict:
+    device = env.device
+    cuda = device.type == "cuda"
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    torch._dynamo.reset()  # every layout compiles from scratch (in its warm-up)
+
+    model = parallelize(build_model(config, device, seed=args.seed), env.mesh,
+                        mixed_precision=cuda,
+                        activation_checkpointing=args.activation_checkpointing,
+                        compile=args.compile)
+    num_sequences = Numbering(examples).num_sequences
+    if args.reference == "live":
+        frozen = build_model(config, device, torch.bfloat16 if cuda else torch.float32,
+                             seed=args.seed)
+        reference = LiveReference(parallelize(freeze(frozen), env.mesh, mixed_precision=False,
+                                              compile=args.compile))
+    else:  # a precomputed table: its values do not change the cost, so no scoring pass
+        generator = torch.Generator().manual_seed(args.seed)
+        reference = TableReference(
+            (-100.0 * torch.rand(num_sequences, generator=generator) - 1.0).to(device))
+    optimizer = build_optimizer(model, OptimSection(lr=args.lr), device)
+
+    def step(batches: list[Batch]):
+        result, _ = train_step(model, batches, reference=reference, loss_config=LossConfig(),
+                               loss_state=LossState(), optimizer=optimizer, max_grad_norm=1.0,
+                               env=env, use_flex=cuda)
+        return result
+
+    def loader(prefetch: int) -> TokenBudgetLoader:
+        return TokenBudgetLoader(examples, layout, args.tokens_per_micro_batch, packing_length,
+                                 row_multiple(cuda), args.grad_accum, args.seed, prefetch,
+                                 pin_memory=cuda)
+
+    timed_loader = loader(prefetch=2)
+    num_steps = timed_loader.steps_in_epoch(0)
+    for batches in warmup_steps(loader(prefetch=0), args.warmup_steps, args.compile):
+        step(batches)
+    synchronize(device)
+    compiled_before = compile_counts()
+
+    pairs = tokens = row_tokens = micro_batches = 0
+    flops = 0.0
+    data_wait = max_wait = 0.0
+    losses = []
+    flops_factor = 3 + (args.reference == "live")
+    batches_iter = iter(timed_loader)
+    next_batches = next(batches_iter)  # the first build is not a wait a running loop would see
+    synchronize(device)
+    start = time.perf_counter()
+    for index in range(num_steps):
+        if index:
+            before = time.perf_counter()
+            next_batches = next(batches_iter)
+            waited = time.perf_counter() - before
+            data_wait, max_wait = data_wait + waited, max(max_wait, waited)
+        batches = next_batches
+        result = step(batches)
+        losses.append(result.loss)
+        pairs += result.num_pairs
+        tokens += result.num_tokens
+        micro_batches += len(batches)
+        row_tokens += sum(b.input_ids.numel() for b in batches)
+        flops += flops_factor * sum(forward_flops(b, config) for b in batches)
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    batches_iter.close()
+    compiled_after = compile_counts()
+
+    expected_tokens = sum(e.num_shared_tokens if is_shared(layout) else e.num_paired_tokens
+                          for e in examples)
+    expected_pairs = Numbering(examples).num_pairs
+    if pairs != expected_pairs or tokens != expected_tokens:
+        raise RuntimeError(f"{layout}: processed {pairs} pairs and {tokens} tokens, expected "
+                           f"{expected_pairs} and {expected_tokens}")
+    peak = peak_flops(device)
+    result = {
+        "layout": layout,
+        "steps": num_steps,
+        "micro_batches": micro_batches,
+        "rows_per_micro_batch": timed_loader.micro_batch_size if is_packed(layout) else None,
+        "pairs": pairs,
+        "tokens": tokens,
+        "row_tokens": row_tokens,
+        "padding_fraction": 1.0 - tokens / row_tokens,
+        "seconds": seconds,
+        "pairs_per_s": pairs / seconds,
+        "tokens_per_s": tokens / seconds,
+        "mfu": flops / seconds / peak if peak else None,
+        "flops": flops,
+        "peak_memory_gib": peak_memory_gib(device),
+        "data_wait_s": data_wait,
+        "max_data_wait_s": max_wait,
+        "graphs_compiled_in_warmup_and_before": compiled_before["graphs"],
+        "graphs_compiled_after_warmup": compiled_after["graphs"] - compiled_before["graphs"],
+        "graph_breaks_after_warmup":
+            compiled_after["graph_breaks"] - compiled_before["graph_breaks"],
+        "mean_loss": float(np.mean(losses)),
+    }
+    if args.profile:
+        result["profile"] = profile_step(step, next(iter(loader(prefetch=0))), device)
+        print(f"\n--- profile of one {layout} step ---\n{result['profile']}")
+    del model, reference, optimizer
+    return result
+
+
+def warmup_steps(loader: TokenBudgetLoader, count: int, extremes: bool) -> list[list[Batch]]:
+    """The first `count` steps of the plan; with `extremes` (compiled runs) in unpacked
+    layouts, whose shapes vary, also one micro-batch of each extreme shape (fewest and most
+    rows, shortest and longest rows), so that the compiler's switch to dynamic shapes (and its
+    specialization of size 1) happens here rather than in the timed pass. Built without a
+    background thread."""
+    steps = [[loader.build(rows) for rows in loader.step_rows(0, s)]
+             for s in range(min(count, loader.steps_in_epoch(0)))]
+    if count and extremes and not is_packed(loader.layout):
+        plan = loader.micro_batch_plan(0)
+        shapes = {i: (len(rows), max(loader.longest_document(r[0]) for r in rows))
+                  for i, rows in enumerate(plan)}
+        seen = {tuple(b.input_ids.shape) for batches in steps for b in batches}
+        for pick in (min, max):
+            for axis in (0, 1):
+                i = pick(shapes, key=lambda k: shapes[k][axis])
+                batch = loader.build(plan[i])
+                if tuple(batch.input_ids.shape) not in seen:
+                    seen.add(tuple(batch.input_ids.shape))
+                    steps.append([batch])
+    return steps
+
+
+def profile_step(step, batches: list[Batch], device: torch.device) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
+                                           else [])
+    with profile(activities=activities) as prof:
+        step(batches)
+        synchronize(device)
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=25)
+
+
+# ---- report -------------------------------------------------------------------------------
+
+
+def add_ratios(results: dict[str, dict]) -> None:
+    for base in ("paired", "paired+packed"):
+        if base in results:
+            for r in results.values():
+                r[f"speedup_vs_{base}"] = r["pairs_per_s"] / results[base]["pairs_per_s"]
+
+
+def format_table(results: dict[str, dict], cuda: bool) -> str:
+    columns = [("layout", "{:<14}", "layout"), ("steps", "{:>6}", "steps"),
+               ("micro", "{:>6}", "micro_batches"), ("pairs", "{:>6}", "pairs"),
+               ("tokens", "{:>9}", "tokens"), ("pad", "{:>6.1%}", "padding_fraction"),
+               ("pairs/s", "{:>9.4g}", "pairs_per_s"), ("tokens/s", "{:>9.0f}", "tokens_per_s"),
+               ("MFU", "{:>6.1%}", "mfu"),
+               ("peak GiB" if cuda else "RSS GiB", "{:>8.2f}", "peak_memory_gib"),
+               ("wait s", "{:>7.3f}", "data_wait_s"),
+               ("recomp", "{:>6}", "graphs_compiled_after_warmup"),
+               ("x paired", "{:>8.2f}", "speedup_vs_paired"),
+               ("x p+packed", "{:>10.2f}", "speedup_vs_paired+packed")]
+    widths = [len(fmt.format(*([""] if "<" in fmt else [0]))) for _, fmt, _ in columns]
+    header = " ".join(f"{name:>{w}}" if i else f"{name:<{w}}"
+                      for i, ((name, _, _), w) in enumerate(zip(columns, widths)))
+    lines = [header]
+    for r in results.values():
+        cells = []
+        for (_, fmt, key), w in zip(columns, widths):
+            value = r.get(key)
+            cells.append(f"{'-':>{w}}" if value is None else fmt.format(value))
+        lines.append(" ".join(cells))
+    return "\n".join(lines)
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    def git(*cmd: str) -> str:
+        try:
+            return subprocess.run(["git", *cmd], capture_output=True, text=True, check=True,
+                                  cwd=Path(__file__).resolve().parent).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return ""
+
+    return {"date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+            "commit": git("rev-parse", "--short", "HEAD"),
+            "uncommitted_changes": bool(git("status", "--porcelain")),
+            "torch": torch.__version__, "cuda": torch.version.cuda,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+            else platform.processor() or platform.machine(),
+            "cpu_threads": torch.get_num_threads()}
+
+
+# ---- main ---------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help=f"CPU smoke run: defaults {QUICK} (explicit flags still win)")
+    p.add_argument("--model", help=f"a preset ({', '.join(PRESETS)}) or a config.json; "
+                   "default tiny on CPU, llama-3.2-1b on CUDA")
+    p.add_argument("--num-layers", type=int, help="override the number of decoder layers "
+                   "(e.g. an 8B shape with fewer layers on one GPU)")
+    p.add_argument("--dataset", choices=sorted(PROFILES), help="synthetic length profile "
+                   "(default hh-rlhf); ignored with --data")
+    p.add_argument("--data", nargs="+", help="real preference files (needs --tokenizer)")
+    p.add_argument("--tokenizer", help="folder with tokenizer.json, for --data")
+    p.add_argument("--format", default="auto", help="data format of --data files")
+    p.add_argument("--pairs", type=int, help="use the first N examples (default: all of "
+                   "--data; synthetic: 2048 on CUDA, 256 on CPU)")
+    p.add_argument("--spread", type=float, default=0.5, help="lognormal sigma of synthetic "
+                   "lengths")
+    p.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated")
+    p.add_argument("--tokens-per-micro-batch", type=int,
+                   help="token budget of a micro-batch, padding included (default 16384 on "
+                   "CUDA, 4096 on CPU; at least the packing length)")
+    p.add_argument("--packing-length", default="auto", help="'auto' or a multiple of 128")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--reference", choices=("precomputed", "live"), default="precomputed")
+    p.add_argument("--warmup-steps", type=int, help="untimed steps per layout (default 3 on "
+                   "CUDA, 1 on CPU)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
+    p.add_argument("--no-compile", dest="compile", action="store_false", default=None,
+                   help="CUDA: do not compile the decoder layers")
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--lr", type=float, default=1e-6)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", action="store_true",
+                   help="print a torch.profiler table of one extra step per layout")
+    p.add_argument("--json", help="write every figure to this file")
+    args = p.parse_args(argv)
+    if args.quick:
+        for key, value in QUICK.items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
+    args.device = args.device or "auto"
+    args.layouts = [s.strip() for s in args.layouts.split(",") if s.strip()]
+    for layout in args.layouts:
+        if layout not in LAYOUTS:
+            raise SystemExit(f"--layouts: unknown layout {layout!r}; expected {LAYOUTS}")
+    if args.data and not args.tokenizer:
+        raise SystemExit("--data needs --tokenizer (a folder with tokenizer.json)")
+    return args
+
+
+def resolve_defaults(args: argparse.Namespace, cuda: bool) -> None:
+    args.model = args.model or ("llama-3.2-1b" if cuda else "tiny")
+    args.dataset = args.dataset or "hh-rlhf"
+    if args.warmup_steps is None:
+        args.warmup_steps = 3 if cuda else 1
+    args.compile = cuda if args.compile is None else (args.compile and cuda)
+    if args.pairs is None and not args.data:
+        args.pairs = 2048 if cuda else 256
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    owns_group = not dist.is_initialized()
+    env = setup(args.device)
+    cuda = env.device.type == "cuda"
+    resolve_defaults(args, cuda)
+    try:
+        return run(args, env)
+    finally:
+        if owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(args: argparse.Namespace, env: Distributed) -> dict[str, Any]:
+    cuda = env.device.type == "cuda"
+    if args.data:
+        tokenizer = load_tokenizer(args.tokenizer)
+        config = model_config(args.model, args.num_layers, tokenizer.vocab_size)
+        examples = real_examples(args.data, tokenizer, args.format)
+        data_name = ", ".join(args.data)
+    else:
+        config = model_config(args.model, args.num_layers, None)
+        examples = synthetic_examples(args.dataset, args.pairs, config.vocab_size, args.spread,
+                                      args.seed)
+        data_name = f"synthetic {args.dataset} (median {PROFILES[args.dataset][0]}, ratio " \
+                    f"{PROFILES[args.dataset][1]}, sigma {args.spread})"
+    if args.pairs:
+        examples = examples[:args.pairs]
+    largest_id = max(int(max(g.prompt.max(), *(c.max() for c in g.completions)))
+                     for e in examples for g in e.groups)
+    if largest_id >= config.vocab_size:
+        raise SystemExit(f"token id {largest_id} >= the model's vocab_size {config.vocab_size}:"
+                         " use a model whose vocabulary covers the tokenizer")
+
+    # One packing length for both packed layouts, fitted in the paired layout (see docstring).
+    packing_length = auto_packing_length([example_length(e, "paired+packed") for e in examples]) \
+        if args.packing_length == "auto" else int(args.packing_length)
+    examples, fit = fit_examples(examples, "paired+packed", packing_length, "truncate")
+    budget = args.tokens_per_micro_batch or max(16384 if cuda else 4096, packing_length)
+    if budget < packing_length:
+        raise SystemExit(f"--tokens-per-micro-batch {budget} is below the packing length "
+                         f"{packing_length}: a packed micro-batch needs at least one row")
+    args.tokens_per_micro_batch = budget
+    stats = data_statistics(examples)
+
+    print(f"device: {env.device} ({environment(env.device)['device']}), torch {torch.__version__}"
+          f"{', compiled, bf16 mixed precision' if args.compile else ''}")
+    print(f"model: {args.model}, {config.num_hidden_layers} layers, "
+          f"{config.num_params / 1e6:.1f}M parameters, random init")
+    print(f"data: {data_name}: {len(examples)} pairs, median prompt+chosen "
+          f"{stats['median_prompt_plus_chosen']:.0f} tokens, prompt/completion ratio "
+          f"{stats['prompt_completion_ratio']:.2f}")
+    print(f"packing length {packing_length} ({fit.num_truncated} examples cut to fit), "
+          f"{budget} tokens per micro-batch ({budget // packing_length} packed rows), "
+          f"grad_accum {args.grad_accum}, reference {args.reference}, "
+          f"{args.warmup_steps} warm-up step(s)")
+    print(f"token-ratio ceiling (paired / shared tokens): {stats['token_ratio_ceiling']:.3f}")
+
+    results: dict[str, dict] = {}
+    failures: dict[str, str] = {}
+    for layout in args.layouts:
+        try:
+            results[layout] = measure_layout(layout, examples, config, args, env,
+                                             packing_length)
+        except Exception as e:  # noqa: BLE001 - reported, the other layouts still run
+            traceback.print_exc()
+            failures[layout] = f"{type(e).__name__}: {e}"
+            print(f"  {layout}: FAILED ({failures[layout]})", flush=True)
+            continue
+        r = results[layout]
+        print(f"  {layout}: {r['seconds']:.2f} s, {r['pairs_per_s']:.4g} pairs/s", flush=True)
+    add_ratios(results)
+    print()
+    print(format_table(results, cuda))
+    for layout, message in failures.items():
+        print(f"{layout}: FAILED: {message}")
+    recompiled = [k for k, r in results.items() if r["graphs_compiled_after_warmup"]]
+    if args.compile:
+        print("recompilation after warm-up: " + (", ".join(
+            f"{k} ({results[k]['graphs_compiled_after_warmup']} graphs)" for k in recompiled)
+            if recompiled else "none"))
+
+    report = {"environment": environment(env.device),
+              "args": {k: v for k, v in vars(args).items()},
+              "model": {"name": args.model, "num_params": config.num_params,
+                        "num_hidden_layers": config.num_hidden_layers},
+              "data": {"source": data_name, "num_pairs": len(examples),
+                       "packing_length": packing_length, "num_truncated": fit.num_truncated,
+                       "packing_efficiency_paired": fit.efficiency,
+                       "tokens_per_micro_batch": budget, **stats},
+              "layouts": results, "failures": failures}
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    if failures:
+        raise SystemExit(f"{len(failures)} layout(s) failed: {', '.join(failures)}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

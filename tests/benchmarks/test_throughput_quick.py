@@ -1,0 +1,97 @@
+"""The throughput benchmark: its quick CPU mode end to end (no timing is asserted), and the two
+things its comparison rests on: the synthetic length profiles and the token-budget batching."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data.layout import document_lengths, is_shared
+from data.packing import round_up
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "benchmarks" / "throughput.py"
+
+
+@pytest.fixture(scope="module")
+def throughput():
+    spec = importlib.util.spec_from_file_location("throughput_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_run_compares_the_same_pairs(tmp_path):
+    out = tmp_path / "throughput.json"
+    # One thread: nothing here is timed, and it keeps the run short on a busy machine.
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    run = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--json", str(out)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    layouts = report["layouts"]
+    assert list(layouts) == ["paired", "paired+packed", "shared", "shared+packed"]
+    assert not report["failures"]
+    data = report["data"]
+    for name, r in layouts.items():
+        assert r["pairs"] == data["num_pairs"] > 0, name
+        assert r["steps"] > 0 and r["pairs_per_s"] > 0 and r["tokens_per_s"] > 0, name
+        assert 0.0 <= r["padding_fraction"] < 1.0, name
+        assert r["graphs_compiled_after_warmup"] == 0, name  # nothing is compiled on CPU
+        expected = data["shared_tokens"] if is_shared(name) else data["paired_tokens"]
+        assert r["tokens"] == expected, name
+        assert r["row_tokens"] >= r["tokens"], name
+    assert layouts["shared"]["tokens"] < layouts["paired"]["tokens"]
+    assert data["token_ratio_ceiling"] == pytest.approx(
+        layouts["paired"]["tokens"] / layouts["shared"]["tokens"])
+    assert layouts["paired"]["speedup_vs_paired"] == 1.0
+    assert layouts["paired+packed"]["speedup_vs_paired+packed"] == 1.0
+    assert "pairs/s" in run.stdout and "token-ratio ceiling" in run.stdout
+
+
+@pytest.mark.parametrize("profile", ["capybara", "hh-rlhf", "metamath-dpo", "tldr",
+                                     "tulu-helpsteer", "ultrafeedback"])
+def test_synthetic_profiles_match_their_medians(throughput, profile):
+    median, ratio = throughput.PROFILES[profile]
+    examples = throughput.synthetic_examples(profile, 2001, 1000, 0.5, seed=0)
+    stats = throughput.data_statistics(examples)
+    assert abs(stats["median_prompt_plus_chosen"] - median) <= 1.0
+    assert stats["prompt_completion_ratio"] == pytest.approx(ratio, rel=0.1)
+    again = throughput.synthetic_examples(profile, 2001, 1000, 0.5, seed=0)
+    assert all(np.array_equal(a.groups[0].prompt, b.groups[0].prompt)
+               for a, b in zip(examples, again))
+
+
+@pytest.mark.parametrize("layout", ["paired", "shared"])
+def test_unpacked_micro_batches_fit_the_token_budget(throughput, layout):
+    examples = throughput.synthetic_examples("hh-rlhf", 300, 1000, 0.5, seed=1)
+    budget, multiple = 2048, 8
+    loader = throughput.TokenBudgetLoader(examples, layout, budget, packing_length=1024,
+                                          pad_multiple=multiple, grad_accum=1, seed=0,
+                                          prefetch=0, pin_memory=False)
+    plan = loader.micro_batch_plan(0)
+    seen = sorted(i for rows in plan for i in {row[0] for row in rows})
+    assert seen == list(range(len(examples)))  # every example exactly once
+    rows_per_example = 1 if is_shared(layout) else 2
+    for rows in plan:
+        batch = loader.build(rows)
+        longest = max(max(document_lengths(examples[row[0]], is_shared(layout)))
+                      for row in rows)
+        assert batch.input_ids.shape == (len(rows), round_up(longest, multiple))
+        if len(rows) > rows_per_example:  # a lone example may exceed the budget
+            assert batch.input_ids.numel() <= budget
+    # Greedy: adding the next micro-batch's first example would have broken the budget.
+    first = plan[0]
+    nxt = plan[1][0][0]
+    longest = max(max(document_lengths(examples[i], is_shared(layout)))
+                  for i in {r[0] for r in first} | {nxt})
+    assert (len(first) + rows_per_example) * round_up(longest, multiple) > budget
