@@ -69,7 +69,8 @@ class RunData:
     num_eval_truncated: int
 
     def summary(self) -> str:
-        lines = [self.loaded.summary(),
+        # The first line: counts (skipped rows are listed by the loader's own warning).
+        lines = [self.loaded.summary().splitlines()[0],
                  f"{len(self.train)} training examples, {len(self.eval)} evaluation examples"]
         if self.fit.packing_length:
             lines.append(f"packing_length {self.fit.packing_length}: packing efficiency "

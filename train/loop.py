@@ -11,6 +11,7 @@ the local loss is also multiplied by the world size.
 
 from __future__ import annotations
 
+import logging
 import math
 import signal
 import time
@@ -195,6 +196,8 @@ def _train(config: Config, env: Distributed) -> Path:
         output_dir.mkdir(parents=True, exist_ok=True)
     config_toml = to_toml(config)
     log = print if env.is_main else _quiet
+    if not env.is_main:  # every rank reads the data; one reports its skipped rows
+        logging.getLogger("data").setLevel(logging.ERROR)
     log(f"config (resolved):\n{config_toml}")
     log(f"{env.world_size} rank(s) on {device.type}")
 
@@ -287,7 +290,8 @@ def _train(config: Config, env: Distributed) -> Path:
                 3 + (config.reference.mode == "live"))
             window.add(time.perf_counter() - start, result, flops)
             logger.advance()
-            if state.step % cfg_train.log_every == 0 or state.step == cfg_train.steps:
+            if (state.step % cfg_train.log_every == 0 or state.step == cfg_train.steps
+                    or state.step == 1):
                 logger.log(state.step, {
                     **window.means(), "grad_norm": result.metrics["grad_norm"],
                     "lr": optimizer.param_groups[0]["lr"], **window.rates(peak),
