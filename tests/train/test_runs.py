@@ -193,3 +193,26 @@ def test_reference_modes_and_layouts(run_config, tmp_path, overrides, first_loss
     if first_loss is not None:
         assert first == pytest.approx(first_loss, abs=1e-5)
     assert (out_dir / "reference_logps_train.safetensors").exists() == table
+
+
+@pytest.mark.distributed
+def test_readme_demo_command(tmp_path):
+    """The README's demo command, as written there, with fewer steps and examples so it stays
+    quick: it finishes and writes an exported model."""
+    import shlex
+
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("## Set up and run the demo", 1)[1].split("```", 2)[1]
+    command = next(line for line in block.splitlines() if line.startswith("torchrun"))
+    argv = shlex.split(command)
+    assert argv[0] == "torchrun" and "--config" in argv
+    out = tmp_path / "demo"
+    overrides = ["--train.steps=3", "--data.max_examples=24", "--checkpoint.every=0",
+                 f"--train.output_dir={out}", f"--reference.cache_dir={tmp_path / 'cache'}"]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", *argv[1:],
+                             *overrides], cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "hf" / "model.safetensors").is_file()
+    assert (out / "hf" / "tokenizer.json").is_file()
+    assert losses(out)[1] == pytest.approx(math.log(2), abs=1e-5)
