@@ -12,6 +12,8 @@ import argparse
 import os
 import sys
 
+from torch.distributed import DistError
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
@@ -25,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         from train.loop import train
 
         train(load_config(args.config, overrides))
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, DistError) as e:
         # One clear line per failure (rank 0 speaks for everyone when all fail alike).
         prefix = f"[rank {rank}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
         print(f"{prefix}error: {e}", file=sys.stderr, flush=True)

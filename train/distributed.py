@@ -35,9 +35,7 @@ def setup(device: str = "auto") -> Distributed:
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("train.device = 'cuda' but no CUDA device is available; "
                          "use 'cpu' or 'auto'")
-    if "RANK" not in os.environ:  # plain `python train.py`: a group of one
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+    launched = "RANK" in os.environ  # by torchrun; else plain `python train.py`: a group of one
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device == "cuda":
         torch.cuda.set_device(local_rank)
@@ -45,8 +43,13 @@ def setup(device: str = "auto") -> Distributed:
     else:
         torch_device = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device == "cuda" else "gloo",
-                                device_id=torch_device if device == "cuda" else None)
+        backend = "nccl" if device == "cuda" else "gloo"
+        device_id = torch_device if device == "cuda" else None
+        if launched:
+            dist.init_process_group(backend, device_id=device_id)
+        else:
+            dist.init_process_group(backend, device_id=device_id, rank=0, world_size=1,
+                                    init_method=f"tcp://127.0.0.1:{_free_port()}")
     world_size = dist.get_world_size()
     mesh = init_device_mesh(device, (world_size,))
     return Distributed(dist.get_rank(), world_size, local_rank, torch_device, mesh)

@@ -60,10 +60,17 @@ def launch(config: Path, *overrides: str, ranks: int = 0, **popen) -> subprocess
     command = [sys.executable, "train.py"] if not ranks else [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
         f"--nproc_per_node={ranks}", "train.py"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.Popen([*command, "--config", str(config), *overrides], cwd=REPO,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             **popen)
+
+
+def clean_env() -> dict[str, str]:
+    """The environment without a launcher's variables (an in-process test may have set up a
+    process group), one thread per process."""
+    launcher = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                "MASTER_PORT", "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID"}
+    return {k: v for k, v in os.environ.items() if k not in launcher} | {"OMP_NUM_THREADS": "1"}
 
 
 def run(config: Path, *overrides: str, ranks: int = 0) -> str:
@@ -211,7 +218,7 @@ def test_readme_demo_command(tmp_path):
                  f"--train.output_dir={out}", f"--reference.cache_dir={tmp_path / 'cache'}"]
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", *argv[1:],
                              *overrides], cwd=REPO, capture_output=True, text=True, timeout=300,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+                            env=clean_env())
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "hf" / "model.safetensors").is_file()
     assert (out / "hf" / "tokenizer.json").is_file()
