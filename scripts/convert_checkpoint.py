@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -93,6 +94,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    # DCP says it assumes a single process when no group exists: that is the intent here.
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
     try:
         main()
     except (ValueError, OSError) as e:

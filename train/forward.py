@@ -1,13 +1,20 @@
-"""One forward pass from a Batch to per-sequence log-probs, shared by training, evaluation,
-reference precomputation and scoring, so they all compute the same thing."""
+"""One forward pass from a Batch to per-sequence log-probs (training, evaluation, reference
+precomputation and scoring) and to per-pair losses (training and evaluation), so they all
+compute the same thing."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from torch import Tensor, nn
 
 from data.layout import Batch
 from kernels import sequence_log_probs
 from model.masks import AttentionMask, build_attention_mask
+from train.losses import LossConfig, LossState, preference_loss
+
+# Reference log-probs `[S]` of a batch's sequences (None for reference-free losses).
+Reference = Callable[[Batch, AttentionMask], "Tensor | None"]
 
 
 def attention_mask(batch: Batch, sliding_window: int | None, use_flex: bool) -> AttentionMask:
@@ -22,3 +29,18 @@ def batch_sequence_log_probs(model: nn.Module, batch: Batch, mask: AttentionMask
     token_logps = model(batch.input_ids, batch.positions, mask, batch.target_index,
                         batch.target_ids)
     return sequence_log_probs(token_logps, batch.target_sequence, batch.num_sequences)
+
+
+def pair_losses(model: nn.Module, batch: Batch, reference: Reference, loss_config: LossConfig,
+                loss_state: LossState, use_flex: bool
+                ) -> tuple[Tensor, dict[str, Tensor], LossState]:
+    """Per-pair losses `[N]`, per-pair metrics and the advanced loss state of a batch. One
+    mask serves the policy and a live reference."""
+    mask = attention_mask(batch, model.config.sliding_window, use_flex)
+    logps, num_tokens = batch_sequence_log_probs(model, batch, mask)
+    ref = reference(batch, mask)
+    chosen, rejected = batch.chosen_sequence, batch.rejected_sequence
+    return preference_loss(
+        loss_config, logps[chosen], logps[rejected],
+        None if ref is None else ref[chosen], None if ref is None else ref[rejected],
+        num_tokens[chosen], num_tokens[rejected], loss_state, check_finite=False)

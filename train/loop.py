@@ -15,13 +15,12 @@ import logging
 import math
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 from torch.distributed.fsdp import FSDPModule
 
 from data.layout import Batch
@@ -31,20 +30,20 @@ from train.build import ModelSource, load_run_data, tokenizer_for
 from train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from train.config import Config, to_toml
 from train.distributed import Distributed, all_reduce_sum, setup, teardown
-from train.forward import attention_mask, batch_sequence_log_probs
-from train.losses import LossConfig, LossState, preference_loss
+from train.forward import pair_losses
+from train.losses import LossConfig, LossState
 from train.metrics import MetricsLogger, forward_flops, peak_flops, peak_memory_gib
 from train.optim import build_optimizer, lr_at, set_lr
 from train.parallelize import freeze, parallelize, reshard
-from train.reference import (LiveReference, TableReference, cache_key, default_cache_dir,
-                             model_fingerprint, no_reference, reference_log_probs)
+from train.reference import (LiveReference, Reference, TableReference, cache_key,
+                             default_cache_dir, model_fingerprint, no_reference,
+                             reference_log_probs)
 from train.scoring import row_multiple
 
 # Per-pair metrics, summed over the step's pairs and divided by their number when logged.
 PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                 "logps/chosen", "logps/rejected")
 
-Reference = Callable[[Batch, Any], "Tensor | None"]
 
 
 @dataclass
@@ -88,21 +87,14 @@ def train_step(model: torch.nn.Module, batches: Sequence[Batch], *, reference: R
     num_pairs, num_tokens, stops = all_reduce_sum(
         [local_pairs, local_tokens, float(stop_requested)], device)
     scale = env.world_size / max(num_pairs, 1.0)
-    sliding_window = model.config.sliding_window
     sums = torch.zeros(1 + len(PAIR_METRICS), dtype=torch.float64, device=device)
     sharded = isinstance(model, FSDPModule)
     for index, batch in enumerate(batches):
         if sharded:  # reduce-scatter gradients once, after the last micro-batch
             model.set_requires_gradient_sync(index == len(batches) - 1)
         batch = batch.to(device, non_blocking=True)
-        mask = attention_mask(batch, sliding_window, use_flex)
-        logps, num_seq_tokens = batch_sequence_log_probs(model, batch, mask)
-        ref = reference(batch, mask)
-        chosen, rejected = batch.chosen_sequence, batch.rejected_sequence
-        losses, metrics, loss_state = preference_loss(
-            loss_config, logps[chosen], logps[rejected],
-            None if ref is None else ref[chosen], None if ref is None else ref[rejected],
-            num_seq_tokens[chosen], num_seq_tokens[rejected], loss_state, check_finite=False)
+        losses, metrics, loss_state = pair_losses(model, batch, reference, loss_config,
+                                                  loss_state, use_flex)
         (losses.sum() * scale).backward()
         sums += torch.stack([losses.detach().sum().double()]
                             + [metrics[name].detach().sum().double() for name in PAIR_METRICS])
@@ -140,14 +132,9 @@ def evaluate(model: torch.nn.Module, loader: PreferenceLoader, *, reference: Ref
     sums = torch.zeros(2 + len(PAIR_METRICS), dtype=torch.float64, device=env.device)
     for batch in loader.one_pass():
         batch = batch.to(env.device, non_blocking=True)
-        mask = attention_mask(batch, model.config.sliding_window, use_flex)
-        logps, num_seq_tokens = batch_sequence_log_probs(model, batch, mask)
-        ref = reference(batch, mask)
-        chosen, rejected = batch.chosen_sequence, batch.rejected_sequence
-        losses, metrics, _ = preference_loss(
-            loss_config, logps[chosen], logps[rejected],
-            None if ref is None else ref[chosen], None if ref is None else ref[rejected],
-            num_seq_tokens[chosen], num_seq_tokens[rejected], loss_state, check_finite=False)
+        # The loss state is read, not advanced: evaluation does not move bco_pair's mean.
+        losses, metrics, _ = pair_losses(model, batch, reference, loss_config, loss_state,
+                                         use_flex)
         sums += torch.stack([torch.tensor(float(batch.num_pairs), device=env.device,
                                           dtype=torch.float64), losses.sum().double()]
                             + [metrics[name].sum().double() for name in PAIR_METRICS])
@@ -249,6 +236,7 @@ def _train(config: Config, env: Distributed) -> Path:
                                             use_flex=use_flex), prefix="eval ")
 
     logger = MetricsLogger(output_dir, cfg_train.steps, state.step, env.is_main)
+    log = logger.print  # above the progress bar from now on
     stop = StopSignal()
     peak = peak_flops(device)
     window = _Window()

@@ -27,9 +27,11 @@ from data.example import Example
 from data.layout import Batch, Numbering
 from data.loader import fit_examples
 from model.masks import AttentionMask
-from train.forward import batch_sequence_log_probs
+from train.forward import Reference, batch_sequence_log_probs
 from model.hf_checkpoint import checkpoint_files
 from train.scoring import score_sequences
+
+__all__ = ["LiveReference", "Reference", "TableReference", "no_reference", "reference_log_probs"]
 
 RUN_FILE = "reference_logps{suffix}.safetensors"
 _SAMPLES_PER_FILE = 16

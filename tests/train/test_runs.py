@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -90,10 +89,13 @@ def test_one_and_two_ranks_agree(run_config, tmp_path):
     """The same global batch (4 rows per step): 1 rank x 2 micro-batches of 2 rows and
     2 ranks x 1 micro-batch. The step's pairs are the same, so are the losses."""
     one, two = tmp_path / "one", tmp_path / "two"
-    run(run_config, f"--train.output_dir={one}", "--train.grad_accum=2", "--train.steps=3",
-        "--checkpoint.every=0", "--checkpoint.export_hf=false", ranks=1)
-    run(run_config, f"--train.output_dir={two}", "--train.grad_accum=1", "--train.steps=3",
-        "--checkpoint.every=0", "--checkpoint.export_hf=false", ranks=2)
+    out = run(run_config, f"--train.output_dir={one}", "--train.grad_accum=2",
+              "--train.steps=3", "--checkpoint.every=0", "--checkpoint.export_hf=false", ranks=1)
+    assert "reference log-probs (train): computing" in out
+    out = run(run_config, f"--train.output_dir={two}", "--train.grad_accum=1",
+              "--train.steps=3", "--checkpoint.every=0", "--checkpoint.export_hf=false", ranks=2)
+    # Same model, data and dtype: the second run reuses the first one's reference table.
+    assert f"reference log-probs (train): loaded {tmp_path / 'cache'}" in out
     a, b = losses(one), losses(two)
     assert sorted(a) == sorted(b) == [1, 2, 3]
     assert abs(a[1] - math.log(2)) < 1e-5  # policy == reference at the first step
