@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -85,13 +85,15 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
-def load_state_dict(model_dir: Path, config: ModelConfig,
-                    dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint under our names, validated against `config`."""
+def iter_tensors(model_dir: Path, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the checkpoint, one at a time, under our names, validated against
+    `config`: unexpected names, duplicates and shapes as they come, missing names at the end.
+    Only one tensor is in memory at a time."""
     expected = expected_shapes(config)
-    tied = config.tie_word_embeddings
-    state: dict[str, torch.Tensor] = {}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight")  # omitted by tied checkpoints, or equal to the embedding
     source: dict[str, Path] = {}
+    head = None
     for file in checkpoint_files(model_dir):
         try:
             with safe_open(file, framework="pt") as f:
@@ -99,47 +101,61 @@ def load_state_dict(model_dir: Path, config: ModelConfig,
                     if hf_name.endswith(_IGNORED_SUFFIXES):
                         continue
                     name = hf_to_ours(hf_name)
+                    if config.tie_word_embeddings and name == "lm_head.weight":
+                        head = f.get_tensor(hf_name)
+                        continue
                     if name not in expected:
                         raise ValueError(f"{file}: unexpected tensor {hf_name!r} for a "
                                          f"{config.architecture} with {config.num_hidden_layers} "
                                          "layers")
-                    if name in state:
+                    if name in source:
                         raise ValueError(f"{file}: tensor {hf_name!r} also in {source[name]}")
                     tensor = f.get_tensor(hf_name)
                     if tuple(tensor.shape) != expected[name]:
                         raise ValueError(f"{file}: tensor {hf_name!r} has shape "
                                          f"{tuple(tensor.shape)}, expected {expected[name]} "
                                          "from config.json")
-                    state[name] = tensor if dtype is None else tensor.to(dtype)
                     source[name] = file
+                    yield name, tensor
         except SafetensorError as e:
             raise ValueError(f"{file}: not a valid safetensors file, truncated or corrupt "
                              f"({e})") from None
-    if tied:
-        # Tied checkpoints normally omit the head; if one carries it, it must be the embedding.
-        head = state.pop("lm_head.weight", None)
-        if head is not None and not torch.equal(head, state.get("embed_tokens.weight", head)):
-            raise ValueError(f"{model_dir}: tie_word_embeddings is true but lm_head.weight "
-                             "differs from model.embed_tokens.weight")
-        expected.pop("lm_head.weight")
-    missing = sorted(ours_to_hf(n) for n in expected if n not in state)
+    missing = sorted(ours_to_hf(n) for n in expected if n not in source)
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise ValueError(f"{model_dir}: missing tensors {', '.join(missing[:5])}{more}")
-    return state
+    if head is not None:  # a tied checkpoint that also stores the head: it must be the same
+        with safe_open(source["embed_tokens.weight"], framework="pt") as f:
+            embedding = f.get_tensor(ours_to_hf("embed_tokens.weight"))
+        if not torch.equal(head, embedding):
+            raise ValueError(f"{model_dir}: tie_word_embeddings is true but lm_head.weight "
+                             "differs from model.embed_tokens.weight")
+
+
+def load_state_dict(model_dir: Path, config: ModelConfig,
+                    dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint under our names (tied heads omitted), in its own dtype
+    or `dtype`."""
+    return {name: t if dtype is None else t.to(dtype)
+            for name, t in iter_tensors(model_dir, config)}
+
+
+@torch.no_grad()
+def load_weights(model: Transformer, model_dir: Path) -> Transformer:
+    """Copy a checkpoint into a materialized model tensor by tensor, converting to the model's
+    dtype and device: host memory holds one tensor at a time, whatever the model's size."""
+    params = dict(model.named_parameters())
+    for name, tensor in iter_tensors(model_dir, model.config):
+        params[name].copy_(tensor)
+    return model
 
 
 def load_model(name_or_path: str | os.PathLike, device: torch.device | str = "cpu",
                dtype: torch.dtype = torch.float32) -> Transformer:
     """A ready model from a Hugging Face checkpoint folder or hub repo id."""
     model_dir = resolve_model_dir(name_or_path)
-    config = ModelConfig.from_file(model_dir)
-    state = load_state_dict(model_dir, config, dtype)
-    if config.tie_word_embeddings:
-        state["lm_head.weight"] = state["embed_tokens.weight"]
-    model = build_model(config, device=device, dtype=dtype)
-    model.load_state_dict(state)
-    return model
+    model = build_model(ModelConfig.from_file(model_dir), device=device, dtype=dtype)
+    return load_weights(model, model_dir)
 
 
 def save_hf_checkpoint(state: Mapping[str, torch.Tensor], config: ModelConfig,

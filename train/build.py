@@ -17,7 +17,7 @@ from data.example import Example
 from data.loader import FitReport, fit_examples
 from data.tokenizer import Tokenizer, load_tokenizer
 from model.config import ModelConfig
-from model.hf_checkpoint import load_state_dict, resolve_model_dir
+from model.hf_checkpoint import load_weights, resolve_model_dir
 from model.transformer import Transformer, build_model
 from train.config import ModelSection
 
@@ -43,12 +43,8 @@ class ModelSource:
         """The initial model, unsharded, on `device`: the same weights on every rank."""
         if self.checkpoint_dir is None:
             return build_model(self.config, device=device, dtype=dtype, seed=self.seed)
-        state = load_state_dict(self.checkpoint_dir, self.config, dtype)
-        if self.config.tie_word_embeddings:
-            state["lm_head.weight"] = state["embed_tokens.weight"]
-        model = build_model(self.config, device=device, dtype=dtype)
-        model.load_state_dict(state)
-        return model
+        return load_weights(build_model(self.config, device=device, dtype=dtype),
+                            self.checkpoint_dir)
 
 
 def tokenizer_for(data: DataConfig, source: ModelSource) -> Tokenizer:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
@@ -72,8 +73,8 @@ def save_checkpoint(output_dir: Path, step: int, model: nn.Module,
         if rank == 0:
             (tmp / "config.toml").write_text(config_toml)
             _write_json(tmp / STATE_FILE, train_state)
-    except Exception as e:  # noqa: BLE001 - reported on all ranks below
-        error = f"{type(e).__name__}: {e}"
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - reported on all ranks below
+        error = describe(e)
     failed = all_reduce_sum([float(bool(error))], env.device)[0]
     if failed:
         if rank == 0:
@@ -97,7 +98,13 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     """Restore model, optimizer and RNG in place; return the train state."""
     state = {"model": get_model_state_dict(model),
              "optim": get_optimizer_state_dict(model, optimizer)}
-    dcp.load(state, checkpoint_id=path)
+    try:
+        dcp.load(state, checkpoint_id=path)
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - does not fit this run
+        raise ValueError(
+            f"{path}: cannot resume from this checkpoint ({describe(e)}); it does not match "
+            "this run's model or optimizer. Use another train.output_dir, or set "
+            "checkpoint.resume = false") from None
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optim"])
     rng_file = path / f"rng_rank{rank}.safetensors"
@@ -110,6 +117,14 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         return json.loads((path / STATE_FILE).read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path / STATE_FILE}: not valid JSON ({e})") from None
+
+
+def describe(error: BaseException) -> str:
+    """One line for an error; DCP wraps each rank's error with its traceback, so unwrap it."""
+    if isinstance(error, CheckpointException) and error.failures:
+        error = next(iter(error.failures.values()))[0]
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
 
 
 def _rng_state() -> dict[str, torch.Tensor]:

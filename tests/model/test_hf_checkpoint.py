@@ -115,3 +115,23 @@ def test_save_writes_index_and_dtype(hf_checkpoint, tmp_path):
     assert index["metadata"]["total_size"] == sum(
         t.numel() * 2 for t in model.state_dict().values())
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+def test_tied_checkpoint_that_stores_the_head(hf_checkpoint):
+    folder, _ = hf_checkpoint("llama_tied")
+    rewrite(folder, lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"].clone()}))
+    model = load_model(folder)
+    assert model.lm_head.weight is model.embed_tokens.weight
+    rewrite(folder, lambda t: t.update({"lm_head.weight": t["lm_head.weight"] + 1}))
+    with pytest.raises(ValueError, match="lm_head.weight differs from model.embed_tokens"):
+        load_model(folder)
+
+
+def test_duplicate_tensor_across_shards(hf_checkpoint):
+    folder, _ = hf_checkpoint("llama_gqa", max_shard_size="40KB")
+    first, second = sorted(folder.glob("model-*.safetensors"))[:2]
+    a, b = load_file(first), load_file(second)
+    b.update({next(iter(a)): a[next(iter(a))]})
+    save_file(b, second, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="also in"):
+        load_model(folder)

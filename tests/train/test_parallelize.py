@@ -14,7 +14,6 @@ from conftest import random_examples, tiny_config
 
 from data.loader import PreferenceLoader, fit_examples
 from model.transformer import build_model
-from train import checkpoint as checkpoint_module
 from train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from train.config import OptimSection
 from train.distributed import setup
@@ -87,7 +86,9 @@ def test_failed_save_keeps_the_previous_checkpoint(env, tmp_path, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(checkpoint_module.dcp, "save", disk_full)
+    # Fail inside DCP's own writer, so the error arrives wrapped as DCP wraps it.
+    from torch.distributed.checkpoint import filesystem
+    monkeypatch.setattr(filesystem, "_write_item", disk_full)
     with pytest.raises(ValueError, match=r"No space left on device.*step_00000001 is intact"):
         save_checkpoint(tmp_path, 2, model, optimizer, {"train": {"step": 2}, "loader": {}}, "",
                         keep_last=2, env=env)
@@ -107,3 +108,13 @@ def test_keep_last(env, tmp_path):
                         keep_last=2, env=env)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000002", "step_00000003"]
     assert (tmp_path / "step_00000003" / "config.toml").read_text() == "x"
+
+
+def test_resuming_another_models_checkpoint_is_refused(env, tmp_path):
+    small = parallelize(build_model(tiny_config(), seed=0), env.mesh, mixed_precision=False)
+    saved = save_checkpoint(tmp_path, 1, small, build_optimizer(small, OptimSection(), env.device),
+                            {"train": {}, "loader": {}}, "", keep_last=1, env=env)
+    wider = parallelize(build_model(tiny_config(intermediate_size=128), seed=0), env.mesh,
+                        mixed_precision=False)
+    with pytest.raises(ValueError, match="cannot resume from this checkpoint.*train.output_dir"):
+        load_checkpoint(saved, wider, build_optimizer(wider, OptimSection(), env.device), 0)
