@@ -192,11 +192,16 @@ def _compute_dtype(hidden: Tensor) -> torch.dtype:
     return torch.float64 if hidden.dtype == torch.float64 else torch.float32
 
 
+# Half-precision matmuls with a float32 result (`out_dtype`) and accumulation into float32
+# (`addmm.dtype_out`) exist on CUDA from torch 2.8. Older versions take the float32 path.
+_HAS_OUT_DTYPE = hasattr(torch.ops.aten.addmm, "dtype_out")
+
+
 def _operand_weight(weight: Tensor, use_compiled: bool) -> Tensor:
     """The weight as the matmuls take it. CUDA half weights stay in their dtype (float32 output
-    via out_dtype); elsewhere float32 (float64 stays), which copies `[V, D]` once per call for
-    half weights on CPU, never anything `[N, V]`."""
-    if use_compiled and weight.dtype in _HALF_DTYPES:
+    via out_dtype, torch >= 2.8); elsewhere float32 (float64 stays), which copies `[V, D]` once
+    per call for half weights, never anything `[N, V]`."""
+    if use_compiled and weight.dtype in _HALF_DTYPES and _HAS_OUT_DTYPE:
         return weight
     return weight.to(_compute_dtype(weight))
 
