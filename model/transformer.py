@@ -18,7 +18,6 @@ place, `init_weights`. It has no buffers: RoPE frequencies are derived from the 
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -31,11 +30,10 @@ from model.config import ModelConfig
 from model.masks import AttentionMask
 
 
-@functools.cache
-def compiled_flex_attention():
-    """FlexAttention must be compiled to run as a fused kernel on CUDA (inside an already
-    compiled block this call is simply inlined). On CPU it runs eagerly: forward only, for tests."""
-    return torch.compile(flex_attention, dynamic=False)
+# FlexAttention must be compiled to run as a fused kernel on CUDA; inside an already compiled
+# layer the call is inlined. Created here, at import, so that tracing a compiled layer meets a
+# plain global rather than a factory. On CPU flex_attention runs eagerly (forward only, tests).
+compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
 
 
 def rope_inverse_frequencies(config: ModelConfig, device: torch.device | None = None) -> Tensor:
@@ -108,7 +106,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if isinstance(mask, BlockMask):
-            flex = compiled_flex_attention() if q.is_cuda else flex_attention
+            flex = compiled_flex_attention if q.is_cuda else flex_attention
             out = flex(q, k, v, block_mask=mask, enable_gqa=True)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
