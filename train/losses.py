@@ -263,6 +263,8 @@ def _sppo_hard(p: _PairInputs) -> Tensor:
 
 def _bco_pair(p: _PairInputs, state: LossState) -> tuple[Tensor, LossState]:
     chosen, rejected = p.beta * p.a, p.beta * p.b
+    if chosen.numel() == 0:  # an empty micro-batch has no mean: the state stays as it was
+        return chosen, state
     batch_mean = torch.cat([chosen, rejected]).mean().detach()
     count = state.num_updates + 1
     # The running mean includes this batch before it is used, as in TRL.

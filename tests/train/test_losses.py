@@ -303,6 +303,23 @@ def test_every_type_runs_and_needs_reference_is_right():
     assert LossConfig(type=("simpo", "sigmoid")).needs_reference
 
 
+@pytest.mark.parametrize("name", LOSS_TYPES)
+def test_an_empty_micro_batch_gives_no_loss_and_keeps_the_state(name):
+    """The loader completes an epoch's last step with empty micro-batches: every loss type must
+    give an empty, finite result there, and bco_pair's running mean must not move (a mean of
+    nothing would be NaN and poison every later step)."""
+    config = LossConfig(type=(name,))
+    empty = torch.zeros(0)
+    ref = empty if config.needs_reference else None
+    state = LossState(torch.tensor(0.25), 3)
+    losses, metrics, new_state = preference_loss(
+        config, empty.clone().requires_grad_(), empty, ref, ref, torch.zeros(0, dtype=torch.long),
+        torch.zeros(0, dtype=torch.long), state)
+    assert losses.shape == (0,) and losses.sum().item() == 0.0
+    assert all(v.shape == (0,) for v in metrics.values())
+    assert new_state.state_dict() == state.state_dict()
+
+
 def test_missing_reference_is_an_error():
     with pytest.raises(ValueError, match="needs reference log-probs"):
         run(LossConfig(type=("sft", "sigmoid")), with_reference=False)
