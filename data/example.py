@@ -10,6 +10,8 @@ are one group of K with several pairs.
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,3 +49,18 @@ class Example:
         """Tokens when every sequence repeats its prompt (the unshared layouts)."""
         return sum(len(g.prompt) * len(g.completions) + sum(len(c) for c in g.completions)
                    for g in self.groups)
+
+
+def fingerprint(examples: Sequence[Example]) -> str:
+    """A digest of every token of every sequence, and of how they are grouped: two lists of
+    examples share it only if they would train on exactly the same sequences."""
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(np.array([len(e.groups)], np.int64).tobytes())
+        for g in e.groups:
+            lengths = [len(g.prompt)] + [len(c) for c in g.completions]
+            h.update(np.array([len(g.completions), *lengths], np.int64).tobytes())
+            h.update(np.ascontiguousarray(g.prompt, np.int32).tobytes())
+            for c in g.completions:
+                h.update(np.ascontiguousarray(c, np.int32).tobytes())
+    return h.hexdigest()

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data.example import Example
+from data.example import Example, fingerprint
 from data.layout import (Batch, Numbering, collate, document_lengths, fit_to_length, is_packed,
                          is_shared)
 from data.packing import BLOCK, auto_packing_length, pack_best_fit, packing_efficiency, round_up
@@ -197,15 +197,30 @@ class PreferenceLoader:
         yield from _prefetched((self.build(plan[i] if i < len(plan) else []) for i in indices),
                                self.prefetch)
 
-    def state_dict(self) -> dict[str, int]:
-        """The position: `step` steps of `epoch` consumed. The plan itself is derived."""
-        return {"epoch": self.epoch, "step": self.step, "seed": self.seed,
-                "steps_in_epoch": self.steps_in_epoch(self.epoch)}
+    @functools.cached_property
+    def data_fingerprint(self) -> str:
+        return fingerprint(self.examples)
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def state_dict(self) -> dict[str, int | str]:
+        """The position: `step` steps of `epoch` consumed. The plan itself is derived from the
+        data and the settings, which are recorded so that a resume can check them."""
+        return {"epoch": self.epoch, "step": self.step, "seed": self.seed,
+                "steps_in_epoch": self.steps_in_epoch(self.epoch), "layout": self.layout,
+                "packing_length": self.packing_length, "data": self.data_fingerprint}
+
+    def load_state_dict(self, state: dict[str, int | str]) -> None:
         if state["seed"] != self.seed:
             raise ValueError(f"cannot resume: the checkpoint's data seed is {state['seed']}, "
                              f"the config's {self.seed}")
+        for key, now in (("layout", self.layout), ("packing_length", self.packing_length)):
+            if state[key] != now:
+                raise ValueError(f"cannot resume exactly: data.{key} was {state[key]!r} in the "
+                                 f"checkpoint's run and is {now!r} now")
+        if state["data"] != self.data_fingerprint:
+            raise ValueError(
+                "cannot resume exactly: the training examples differ from the checkpoint's "
+                "(data.path, the tokenizer, truncation, max_examples or the evaluation hold-out "
+                "changed); use the run's settings, or another train.output_dir")
         if state["steps_in_epoch"] != self.steps_in_epoch(state["epoch"]):
             raise ValueError(
                 "cannot resume exactly: the data plan changed since the checkpoint "

@@ -121,6 +121,10 @@ def test_resume_refuses_a_changed_plan():
         make(examples, "shared", grad_accum=2, seed=9).load_state_dict(state)
     with pytest.raises(ValueError, match="global batch"):
         make(examples, "shared", grad_accum=4).load_state_dict(state)
+    with pytest.raises(ValueError, match="training examples differ"):
+        make(random_examples(50, 50, seed=1), "shared", grad_accum=2).load_state_dict(state)
+    with pytest.raises(ValueError, match="data.layout was 'shared'"):
+        make(examples, "paired", grad_accum=2).load_state_dict(state)
 
 
 def test_one_pass_in_order_across_ranks():
