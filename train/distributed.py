@@ -69,6 +69,19 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def broadcast_text(text: str, device: torch.device, length: int = 64) -> str:
+    """Rank 0's short ASCII text (a hex digest), on every rank."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return text
+    buffer = torch.zeros(length, dtype=torch.uint8, device=device)
+    if dist.get_rank() == 0:
+        data = text.encode("ascii")
+        assert len(data) <= length, "text too long to broadcast"
+        buffer[:len(data)] = torch.tensor(list(data), dtype=torch.uint8)
+    dist.broadcast(buffer, src=0)
+    return bytes(buffer.cpu().tolist()).rstrip(b"\0").decode("ascii")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -21,15 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed.fsdp import FSDPModule
 
 from data.layout import Batch
 from data.loader import PreferenceLoader
 from model.hf_checkpoint import save_hf_checkpoint
+from data.dataset import chat_template_override
 from train.build import ModelSource, load_run_data, tokenizer_for
 from train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from train.config import Config, to_toml
-from train.distributed import Distributed, all_reduce_sum, setup, teardown
+from train.distributed import Distributed, all_reduce_sum, broadcast_text, setup, teardown
 from train.forward import pair_losses
 from train.losses import LossConfig, LossState
 from train.metrics import MetricsLogger, forward_flops, peak_flops, peak_memory_gib
@@ -42,7 +42,7 @@ from train.scoring import row_multiple
 
 # Per-pair metrics, summed over the step's pairs and divided by their number when logged.
 PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                "logps/chosen", "logps/rejected")
+                "logps/chosen", "logps/rejected", "nll_loss")
 
 
 
@@ -88,10 +88,9 @@ def train_step(model: torch.nn.Module, batches: Sequence[Batch], *, reference: R
         [local_pairs, local_tokens, float(stop_requested)], device)
     scale = env.world_size / max(num_pairs, 1.0)
     sums = torch.zeros(1 + len(PAIR_METRICS), dtype=torch.float64, device=device)
-    sharded = isinstance(model, FSDPModule)
-    for index, batch in enumerate(batches):
-        if sharded:  # reduce-scatter gradients once, after the last micro-batch
-            model.set_requires_gradient_sync(index == len(batches) - 1)
+    # Gradients are reduce-scattered after every micro-batch (FSDP's default): deferring it
+    # would keep a whole unsharded float32 gradient on every rank between micro-batches.
+    for batch in batches:
         batch = batch.to(device, non_blocking=True)
         losses, metrics, loss_state = pair_losses(model, batch, reference, loss_config,
                                                   loss_state, use_flex)
@@ -100,6 +99,8 @@ def train_step(model: torch.nn.Module, batches: Sequence[Batch], *, reference: R
                             + [metrics[name].detach().sum().double() for name in PAIR_METRICS])
     if env.world_size > 1:
         torch.distributed.all_reduce(sums)
+        if "bco_pair" in loss_config.type:
+            loss_state = _average_over_ranks(loss_state, device)
     totals = (sums / max(num_pairs, 1.0)).tolist()
     loss = totals[0]
     grad_norm = _clip_grad_norm(model, max_grad_norm)
@@ -111,6 +112,18 @@ def train_step(model: torch.nn.Module, batches: Sequence[Batch], *, reference: R
     metrics["grad_norm"] = grad_norm
     return StepResult(loss, metrics, int(num_pairs), int(num_tokens), finite,
                       stops > 0), loss_state
+
+
+def _average_over_ranks(state: LossState, device: torch.device) -> LossState:
+    """bco_pair's running mean, made the same on every rank after each step (each rank updates
+    it from its own micro-batches), so the one saved with a checkpoint is every rank's: the
+    update-weighted mean of the ranks' means, and the largest update count."""
+    n = float(state.num_updates)
+    weighted, total = all_reduce_sum([float(state.reward_mean) * n, n], device)
+    count = torch.tensor([state.num_updates], device=device)
+    torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+    mean = weighted / total if total else 0.0
+    return LossState(torch.tensor(mean, dtype=torch.float32), int(count.item()))
 
 
 def _clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
@@ -167,12 +180,13 @@ class StopSignal:
 
 
 def train(config: Config) -> Path:
-    """Run the configured training; returns the output folder."""
+    """Run the configured training; returns the output folder. On an error the process group
+    is left as it is: other ranks may be waiting in a collective, so the caller reports the
+    error and exits, and the launcher stops the others."""
     env = setup(config.train.device)
-    try:
-        return _train(config, env)
-    finally:
-        teardown()
+    output_dir = _train(config, env)
+    teardown()
+    return output_dir
 
 
 def _train(config: Config, env: Distributed) -> Path:
@@ -299,8 +313,8 @@ def _train(config: Config, env: Distributed) -> Path:
         if last_saved != state.step:
             checkpoint()
         if config.checkpoint.export_hf:
-            export_dir = export(model, source, tokenizer_dir(config, source), output_dir / "hf",
-                                env)
+            export_dir = export(model, source, tokenizer.folder,
+                                chat_template_override(config.data), output_dir / "hf", env)
             log(f"exported a Hugging Face checkpoint to {export_dir}")
     finally:
         batches_iter.close()  # stops the loader's background thread
@@ -320,10 +334,13 @@ def _reference(config: Config, source: ModelSource, model: torch.nn.Module, data
                              mixed_precision=False, compile=config.train.compile and use_flex)
         live = LiveReference(frozen)
         return live, live
-    model_id = model_fingerprint(source.checkpoint_dir, source.config_path, source.seed)
-    dtype = "bfloat16" if use_flex else "float32"
     cache_dir = Path(config.reference.cache_dir) if config.reference.cache_dir \
         else default_cache_dir()
+    # Rank 0 reads the checkpoint files once and tells the others.
+    model_id = broadcast_text(
+        model_fingerprint(source.checkpoint_dir, source.config_path, source.seed, env.device,
+                          cache_dir) if env.is_main else "", env.device)
+    dtype = "bfloat16" if use_flex else "float32"
     tables = []
     for name, examples in (("train", data.train), ("eval", data.eval)):
         if not examples:
@@ -338,16 +355,12 @@ def _reference(config: Config, source: ModelSource, model: torch.nn.Module, data
     return tables[0], tables[1]
 
 
-def tokenizer_dir(config: Config, source: ModelSource) -> Path | None:
-    if config.data.tokenizer and Path(config.data.tokenizer).is_dir():
-        return Path(config.data.tokenizer)
-    return source.checkpoint_dir
-
-
 def export(model: torch.nn.Module, source: ModelSource, tokenizer_folder: Path | None,
-           out: Path, env: Distributed) -> Path:
+           chat_template: str | None, out: Path, env: Distributed) -> Path:
     """Gather the full weights on rank 0 and write a Hugging Face checkpoint, in the dtype of
-    the source checkpoint's config (float32 for a random initialization)."""
+    the source checkpoint's config (float32 for a random initialization), with the tokenizer
+    the run used and the chat template it rendered with (chat_template.jinja, which
+    transformers prefers to the one in tokenizer_config.json)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
@@ -358,6 +371,8 @@ def export(model: torch.nn.Module, source: ModelSource, tokenizer_folder: Path |
         dtype = getattr(torch, dtype_name, torch.float32)
         state = {k: v.to(dtype) for k, v in state.items()}
         save_hf_checkpoint(state, source.config, out, tokenizer_dir=tokenizer_folder)
+        if chat_template is not None:
+            (out / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     return out

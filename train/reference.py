@@ -14,28 +14,29 @@ cache), then in the shared cache, and computed only when neither has it.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from data.example import Example
+from data.example import Example, fingerprint
 from data.layout import Batch, Numbering
 from data.loader import fit_examples
 from model.masks import AttentionMask
 from train.forward import Reference, batch_sequence_log_probs
+from train.parallelize import reshard
 from model.hf_checkpoint import checkpoint_files
+from train.distributed import all_reduce_sum
 from train.scoring import score_sequences
 
 __all__ = ["LiveReference", "Reference", "TableReference", "no_reference", "reference_log_probs"]
 
 RUN_FILE = "reference_logps{suffix}.safetensors"
-_SAMPLES_PER_FILE = 16
-_SAMPLE_BYTES = 1 << 16
+_DIGESTS = "file_digests.json"  # in the cache folder: digests of checkpoint files already read
 
 
 def default_cache_dir() -> Path:
@@ -43,41 +44,46 @@ def default_cache_dir() -> Path:
         / "reference"
 
 
-def model_fingerprint(model_dir: Path | None, config_path: Path | None, seed: int) -> str:
-    """Identifies the initial weights without reading them all."""
+def model_fingerprint(model_dir: Path | None, config_path: Path | None, seed: int,
+                      device: torch.device, cache_dir: Path) -> str:
+    """Identifies the initial weights: the config and a digest of every checkpoint file (read
+    once, then remembered in the cache folder by path, size, modification time and inode), or
+    for a random initialization the config, the seed and what the random numbers depend on
+    (the device kind and the torch version)."""
     h = hashlib.sha256()
     if model_dir is None:
         h.update(config_path.read_bytes())
-        h.update(f"random-init seed={seed}".encode())
+        kind = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+        h.update(f"random-init seed={seed} on {kind} torch {torch.__version__}".encode())
         return h.hexdigest()
     h.update((model_dir / "config.json").read_bytes())
+    memo_file = cache_dir / _DIGESTS
+    try:
+        memo = json.loads(memo_file.read_text())
+    except (OSError, ValueError):
+        memo = {}
     for file in checkpoint_files(model_dir):
-        size = file.stat().st_size
-        h.update(f"{file.name}:{size}".encode())
-        with open(file, "rb") as f:
-            header_len = int.from_bytes(f.read(8), "little")
-            h.update(f.read(min(header_len, 1 << 26)))
-            for k in range(_SAMPLES_PER_FILE):
-                f.seek(max(0, size * k // _SAMPLES_PER_FILE - _SAMPLE_BYTES))
-                h.update(f.read(_SAMPLE_BYTES))
-    return h.hexdigest()
-
-
-def data_fingerprint(examples: Sequence[Example]) -> str:
-    h = hashlib.sha256()
-    for e in examples:
-        for g in e.groups:
-            h.update(np.int64(len(g.prompt)).tobytes())
-            h.update(np.ascontiguousarray(g.prompt, np.int32).tobytes())
-            for c in g.completions:
-                h.update(np.int64(len(c)).tobytes())
-                h.update(np.ascontiguousarray(c, np.int32).tobytes())
-        h.update(b"|")
+        stat = file.resolve().stat()
+        memo_key = f"{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ino}"
+        if memo_key not in memo:
+            digest = hashlib.sha256()
+            with open(file, "rb") as f:
+                while chunk := f.read(1 << 24):
+                    digest.update(chunk)
+            memo[memo_key] = digest.hexdigest()
+        h.update(f"{file.name}:{memo[memo_key]}".encode())
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = memo_file.with_name(f".{memo_file.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(memo))
+        os.replace(tmp, memo_file)
+    except OSError:
+        pass  # only a time saving: the digests are recomputed next time
     return h.hexdigest()
 
 
 def cache_key(model_id: str, examples: Sequence[Example], dtype: str) -> str:
-    return hashlib.sha256(f"{model_id}/{data_fingerprint(examples)}/{dtype}".encode()
+    return hashlib.sha256(f"{model_id}/{fingerprint(examples)}/{dtype}".encode()
                           ).hexdigest()[:40]
 
 
@@ -109,18 +115,23 @@ def reference_log_probs(model: torch.nn.Module, examples: Sequence[Example], *, 
                         log=print) -> torch.Tensor:
     """Float32 `[num_sequences]` reference log-probs of `examples` on `device`.
 
-    `model` must hold the initial weights when the table has to be computed. Collective when
-    it computes (every rank scores its share)."""
+    `model` must hold the initial weights when the table has to be computed. Collective: the
+    ranks agree on loading or computing (a cache on one node's local disk is not on another's),
+    and when they compute, every rank scores its share. Rank 0 writes the files."""
     num_sequences = Numbering(examples).num_sequences
     run_file = run_dir / RUN_FILE.format(suffix=f"_{name}")
     cache_file = cache_dir / f"{key}.safetensors"
-    for source in (run_file, cache_file):
-        table = read_table(source, key, num_sequences)
+    table, source = None, None
+    for candidate in (run_file, cache_file):
+        table = read_table(candidate, key, num_sequences)
         if table is not None:
-            log(f"reference log-probs ({name}): loaded {source}")
-            if rank == 0 and source != run_file:
-                write_table(run_file, key, table)
-            return table.to(device)
+            source = candidate
+            break
+    if all_reduce_sum([float(table is not None)], device)[0] == world_size:
+        log(f"reference log-probs ({name}): loaded {source}")
+        if rank == 0 and source != run_file:
+            write_table(run_file, key, table)
+        return table.to(device)
     log(f"reference log-probs ({name}): computing {num_sequences} sequences "
         "(one no-grad pass, shared+packed layout)")
     fitted, report = fit_examples(examples, "shared+packed", "auto", "error")
@@ -158,7 +169,9 @@ class LiveReference:
 
     @torch.no_grad()
     def __call__(self, batch: Batch, mask: AttentionMask) -> torch.Tensor:
-        return batch_sequence_log_probs(self.model, batch, mask)[0]
+        logps = batch_sequence_log_probs(self.model, batch, mask)[0]
+        reshard(self.model)  # no backward will free the gathered root parameters
+        return logps
 
 
 def no_reference(batch: Batch, mask: AttentionMask) -> None:
