@@ -28,9 +28,14 @@ def main(argv: list[str] | None = None) -> int:
 
         train(load_config(args.config, overrides))
     except (ValueError, OSError, DistError) as e:
-        # One clear line per failure (rank 0 speaks for everyone when all fail alike).
-        prefix = f"[rank {rank}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        # One line per failing rank. With several ranks, leave at once: the others may wait in
+        # a collective for this one, and torchrun stops them when it sees this exit.
+        distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        prefix = f"[rank {rank}] " if distributed else ""
         print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
+        if distributed:
+            sys.stdout.flush()
+            os._exit(1)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

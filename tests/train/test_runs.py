@@ -225,3 +225,44 @@ def test_readme_demo_command(tmp_path):
     assert (out / "hf" / "model.safetensors").is_file()
     assert (out / "hf" / "tokenizer.json").is_file()
     assert losses(out)[1] == pytest.approx(math.log(2), abs=1e-5)
+
+
+@pytest.mark.distributed
+def test_a_failure_on_one_rank_ends_the_run(run_config, tmp_path):
+    """Rank 1 fails alone (as on a full disk or an out-of-memory error): the run ends with its
+    error line instead of hanging in the next collective."""
+    launcher = tmp_path / "fail_on_rank1.py"
+    launcher.write_text(f"""
+import os, sys
+sys.path.insert(0, {str(REPO)!r})
+import train.loop
+
+original = train.loop._train
+def failing(config, env):
+    if env.rank == 1:
+        raise ValueError("injected failure on rank 1")
+    return original(config, env)
+train.loop._train = failing
+sys.argv = ["train.py", "--config", {str(run_config)!r}, "--checkpoint.export_hf=false"]
+import runpy
+runpy.run_path({str(REPO / 'train.py')!r}, run_name="__main__")
+""")
+    process = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                              "--nproc_per_node=2", str(launcher)], cwd=REPO, env=clean_env(),
+                             capture_output=True, text=True, timeout=120)
+    assert process.returncode != 0
+    assert "[rank 1] error: injected failure on rank 1" in process.stderr
+
+
+@pytest.mark.distributed
+def test_bco_pair_across_epochs_and_ranks(run_config, tmp_path):
+    """bco_pair keeps a running mean; epochs end with empty micro-batches and each rank sees
+    its own pairs: the loss stays finite over several epochs on two ranks."""
+    out_dir = tmp_path / "run"
+    run(run_config, "--loss.type=bco_pair", "--train.grad_accum=3", "--train.steps=6",
+        "--checkpoint.every=0", "--checkpoint.export_hf=false", ranks=2)
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["epoch"] >= 2
+    assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
+    state = json.loads((out_dir / "step_00000006" / "train_state.json").read_text())
+    assert state["train"]["loss_state"]["num_updates"] > 0
