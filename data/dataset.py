@@ -124,16 +124,22 @@ def load_preference_data(config: DataConfig, tokenizer: Tokenizer, path: str | N
 
 def _chat_template(config: DataConfig, tokenizer: Tokenizer) -> ChatTemplate:
     """The template for conversational data, per data.chat_template."""
-    setting = config.chat_template
-    if setting == "none":
+    if config.chat_template == "none":
         raise ValueError("the data is conversational but data.chat_template = 'none'; set it "
                          "to 'auto' (the tokenizer's template) or to a .jinja file")
-    if setting == "auto":
-        return tokenizer.compile_chat_template()
+    return tokenizer.compile_chat_template(chat_template_override(config))
+
+
+def chat_template_override(config: DataConfig) -> str | None:
+    """The template text data.chat_template gives in place of the tokenizer's (a .jinja file
+    or the text itself), or None for "auto" / "none"."""
+    setting = config.chat_template
+    if setting in ("auto", "none"):
+        return None
     if Path(setting).is_file():
-        return tokenizer.compile_chat_template(Path(setting).read_text(encoding="utf-8"))
+        return Path(setting).read_text(encoding="utf-8")
     if "{{" in setting or "{%" in setting:
-        return tokenizer.compile_chat_template(setting)
+        return setting
     raise ValueError(f"data.chat_template = {setting!r}: no such file; expected 'auto', "
                      "'none', a .jinja file or the template text itself")
 

@@ -64,11 +64,13 @@ class Tokenizer:
     def __init__(self, backend: tokenizers.Tokenizer, *, eos_token: str,
                  bos_token: str | None = None, add_bos: bool | None = None,
                  chat_template: str | None = None,
-                 special_tokens: dict[str, str] | None = None, name: str = "tokenizer") -> None:
+                 special_tokens: dict[str, str] | None = None, name: str = "tokenizer",
+                 folder: Path | None = None) -> None:
         backend.no_truncation()
         backend.no_padding()
         self.backend = backend
         self.name = name
+        self.folder = folder  # where it was loaded from, for copying it next to a checkpoint
         self.eos_id = self._id_of(eos_token, "eos_token")
         self.bos_id = self._id_of(bos_token, "bos_token") if bos_token is not None else None
         if add_bos is None:  # as the post-processor does it
@@ -121,7 +123,7 @@ class Tokenizer:
         return cls(backend, eos_token=special["eos_token"], bos_token=special.get("bos_token"),
                    add_bos=add_bos if isinstance(add_bos, bool) else None,
                    chat_template=_chat_template_source(folder, config),
-                   special_tokens=specials, name=str(folder))
+                   special_tokens=specials, name=str(folder), folder=folder)
 
     # -- encoding ---------------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ from model.transformer import Transformer, build_model
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "tokenizer.model", "generation_config.json")
+                   "tokenizer.model", "chat_template.jinja", "generation_config.json")
 # Saved by some older checkpoints; derived from the config here, so safe to ignore.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -50,7 +50,9 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
         raise ValueError(f"{text}: no such model folder (expected a local folder with "
                          "config.json and *.safetensors, or a hub repo id like 'org/name')")
     from huggingface_hub import snapshot_download
-    patterns = ["config.json", "*.safetensors", INDEX_FILE, *TOKENIZER_FILES]
+    # model*.safetensors: some repos also hold a second copy of the weights in another layout
+    # (e.g. consolidated.safetensors), which is never read.
+    patterns = ["config.json", "model*.safetensors", INDEX_FILE, *TOKENIZER_FILES]
     try:
         return Path(snapshot_download(text, allow_patterns=patterns))
     except Exception as e:  # offline, unknown repo, gated, ...: one clear message

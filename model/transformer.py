@@ -32,8 +32,11 @@ from model.masks import AttentionMask
 
 # FlexAttention must be compiled to run as a fused kernel on CUDA; inside an already compiled
 # layer the call is inlined. Created here, at import, so that tracing a compiled layer meets a
-# plain global rather than a factory. On CPU flex_attention runs eagerly (forward only, tests).
-compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
+# plain global rather than a factory. Shapes are left to dynamo's automatic dynamic mode:
+# packed rows never change shape, and the unpacked layouts' varying row lengths then cost one
+# more compilation instead of one per length. On CPU flex_attention runs eagerly (forward only,
+# for tests).
+compiled_flex_attention = torch.compile(flex_attention)
 
 
 def rope_inverse_frequencies(config: ModelConfig, device: torch.device | None = None) -> Tensor:
