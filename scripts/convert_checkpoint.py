@@ -3,11 +3,14 @@
     python scripts/convert_checkpoint.py hf-to-dcp --hf DIR --out DIR
     python scripts/convert_checkpoint.py dcp-to-hf --ckpt DIR --hf-config DIR --out DIR
 
-`hf-to-dcp` writes the weights under the key `model` (our parameter names), the layout the
-trainer's checkpoints use, so the result can start a run. `dcp-to-hf` reads the model weights of
-such a folder, or of a training checkpoint, and writes config.json (from `--hf-config`, every
-field preserved), safetensors shards and the tokenizer files found in `--hf-config`. Tensors
-keep their dtype, so HF -> DCP -> HF is bit-identical.
+`hf-to-dcp` writes the weights under the key `model` (our parameter names), as the trainer's
+checkpoints hold them, for tools that read DCP. `dcp-to-hf` reads the model weights of such a
+folder, or of a training checkpoint (`output_dir/step_NNNNNNNN`), and writes config.json (from
+`--hf-config`, every field preserved), safetensors shards and the tokenizer files found in
+`--hf-config`. Tensors keep their dtype, so HF -> DCP -> HF is bit-identical.
+
+DCP stores its `.metadata` file as a Python pickle, which torch.distributed.checkpoint reads:
+convert only DCP folders you trust (your own runs). Safetensors are never unpickled.
 """
 
 from __future__ import annotations
@@ -19,11 +22,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from model.config import ModelConfig
 from model.hf_checkpoint import (copy_tokenizer_files, expected_shapes, load_state_dict,
                                  resolve_model_dir, save_hf_checkpoint)
+from train.checkpoint import describe
 
 MODEL_KEY = "model"
 
@@ -42,7 +47,10 @@ def read_dcp_model(ckpt: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
     the config's names and shapes."""
     if not (ckpt / ".metadata").is_file():
         raise ValueError(f"{ckpt}: not a torch.distributed.checkpoint folder (no .metadata)")
-    metadata = dcp.FileSystemReader(ckpt).read_metadata()
+    try:
+        metadata = dcp.FileSystemReader(ckpt).read_metadata()
+    except Exception as e:  # noqa: BLE001 - a damaged or foreign .metadata file
+        raise ValueError(f"{ckpt / '.metadata'}: cannot be read ({describe(e)})") from None
     prefix = MODEL_KEY + "."
     state = {}
     for key, meta in metadata.state_dict_metadata.items():
@@ -61,7 +69,10 @@ def read_dcp_model(ckpt: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
         if tuple(tensor.shape) != expected[name]:
             raise ValueError(f"{ckpt}: tensor {name!r} has shape {tuple(tensor.shape)}, "
                              f"expected {expected[name]} from the config")
-    dcp.load({MODEL_KEY: state}, storage_reader=dcp.FileSystemReader(ckpt), no_dist=True)
+    try:
+        dcp.load({MODEL_KEY: state}, storage_reader=dcp.FileSystemReader(ckpt), no_dist=True)
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - truncated or missing files
+        raise ValueError(f"{ckpt}: the model tensors cannot be read ({describe(e)})") from None
     return state
 
 

@@ -117,7 +117,7 @@ def summary(records: list[dict], reference: Path | None, beta: float) -> str:
     if reference is None:
         preferred = sum(r["chosen_logp"] > r["rejected_logp"] for r in records)
         return f"chosen more likely than rejected: {preferred / max(n, 1):.4f} of {n} pairs"
-    refs = {(r["index"], r.get("pair", 0)): r for r in map(json.loads, reference.open())}
+    refs = read_reference(reference)
     missing = [r for r in records if (r["index"], r["pair"]) not in refs]
     if missing:
         raise ValueError(f"{reference}: no score for row {missing[0]['index']} pair "
@@ -130,6 +130,23 @@ def summary(records: list[dict], reference: Path | None, beta: float) -> str:
     accuracy = sum(m > 0 for m in margins) / max(n, 1)
     return (f"reward accuracy {accuracy:.4f}, mean reward margin "
             f"{sum(margins) / max(n, 1):.4f} (beta {beta}) over {n} pairs")
+
+
+def read_reference(path: Path) -> dict[tuple[int, int], dict]:
+    """A previous score.py output, by (row index, pair)."""
+    refs = {}
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                key = (int(record["index"]), int(record.get("pair", 0)))
+                refs[key] = {k: float(record[k]) for k in ("chosen_logp", "rejected_logp")}
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"{path}:{number}: not a score.py output line ({type(e).__name__}"
+                                 f": {e}); --reference takes the output of score.py") from None
+    return refs
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ A checkpoint is a folder `output_dir/step_00000100/` holding
 It is written to a hidden `.step_00000100.tmp/` and renamed into place only when every rank's
 part is on disk, so a crash or a full disk mid-save leaves the previous checkpoints whole.
 Older checkpoints beyond `keep_last` are deleted after the rename. Only folders with a
-`train_state.json` count as checkpoints. Nothing is unpickled: tensors go through DCP, the rest
-is JSON and safetensors.
+`train_state.json` count as checkpoints. Our own files are JSON and safetensors; DCP keeps its
+`.metadata` as a pickle, so resume only from checkpoints you wrote.
 """
 
 from __future__ import annotations

@@ -83,3 +83,19 @@ def test_dcp_of_another_model_is_refused(hf_checkpoint, tmp_path):
     with pytest.raises(ValueError, match=r"k_proj.weight' has shape \(16, 64\), expected \(32, 64\)"):
         convert_in_process("dcp-to-hf", "--ckpt", str(tmp_path / "dcp"), "--hf-config",
                            str(tmp_path / "cfg"), "--out", str(tmp_path / "z"))
+
+
+def test_damaged_dcp_folders_are_one_line_errors(hf_checkpoint, tmp_path):
+    folder, _ = hf_checkpoint("llama_gqa")
+    convert_in_process("hf-to-dcp", "--hf", str(folder), "--out", str(tmp_path / "dcp"))
+    shard = next((tmp_path / "dcp").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    result = convert("dcp-to-hf", "--ckpt", str(tmp_path / "dcp"), "--hf-config", str(folder),
+                     "--out", str(tmp_path / "out"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "the model tensors cannot be read" in result.stderr
+    (tmp_path / "dcp" / ".metadata").write_bytes(b"garbage\n")
+    result = convert("dcp-to-hf", "--ckpt", str(tmp_path / "dcp"), "--hf-config", str(folder),
+                     "--out", str(tmp_path / "out"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert ".metadata: cannot be read" in result.stderr

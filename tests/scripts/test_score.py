@@ -87,14 +87,25 @@ def test_layouts_agree_with_transformers(scored):
     assert ranked[2]["chosen_logp"] == pytest.approx(hello, abs=1e-4)
 
 
-def test_reward_accuracy_against_a_reference(scored, tmp_path, capsys):
-    score, _, data = scored
-    score("shared+packed")
-    capsys.readouterr()
-    score("paired", "--reference", str(tmp_path / "shared+packed.jsonl"))
-    out = capsys.readouterr().out
-    # The same model as its own reference: every margin is ~0, so no pair is "won".
-    assert "mean reward margin" in out and "over 6 pairs" in out
+def test_reward_accuracy_against_a_reference(tmp_path):
+    """Margins beta * ((c - ref_c) - (r - ref_r)), by hand: pair 0: 0.5 * ((-1 + 3) - (-4 + 5))
+    = 0.5 (won); pair 1: 0.5 * ((-2 + 2) - (-1 + 2)) = -0.5 (lost)."""
+    records = [{"index": 0, "pair": 0, "chosen_logp": -1.0, "rejected_logp": -4.0},
+               {"index": 3, "pair": 0, "chosen_logp": -2.0, "rejected_logp": -1.0}]
+    ref = tmp_path / "ref.jsonl"
+    ref.write_text('{"index": 0, "pair": 0, "chosen_logp": -3.0, "rejected_logp": -5.0}\n'
+                   '{"index": 3, "chosen_logp": -2.0, "rejected_logp": -2.0}\n')
+    script = load_script()
+    assert script.summary(records, ref, beta=0.5) == \
+        "reward accuracy 0.5000, mean reward margin 0.0000 (beta 0.5) over 2 pairs"
+    assert script.summary(records, None, beta=0.5) == \
+        "chosen more likely than rejected: 0.5000 of 2 pairs"
+    ref.write_text('{"index": 0, "pair": 0, "chosen_logp": -3.0}\n')
+    with pytest.raises(ValueError, match=r"ref.jsonl:1: not a score.py output line"):
+        script.summary(records, ref, beta=0.5)
+    ref.write_text('{"index": 0, "pair": 0, "chosen_logp": -3.0, "rejected_logp": -5.0}\n')
+    with pytest.raises(ValueError, match="no score for row 3 pair 0"):
+        script.summary(records, ref, beta=0.5)
 
 
 def test_too_long_for_the_packing_length_is_refused(scored):
