@@ -97,29 +97,22 @@ def test_parquet_without_pyarrow_says_how_to_install(tmp_path, monkeypatch):
         list(read_rows(str(path)))
 
 
-def test_parquet_rows_through_pyarrow(tmp_path, monkeypatch):
-    """The reading glue, with a stand-in for pyarrow's ParquetFile (not installed here)."""
-    class Batch:
-        def __init__(self, records):
-            self.records = records
+def test_parquet(tmp_path):
+    """A real parquet file (pyarrow is in the test extra), with nested message lists as hub
+    datasets store conversations, and a damaged one."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
 
-        def to_pylist(self):
-            return self.records
-
-    class ParquetFile:
-        def __init__(self, path):
-            assert Path(path) == tmp_path / "d.parquet"
-
-        def iter_batches(self, batch_size):
-            return iter([Batch(RECORDS[:1]), Batch(RECORDS[1:])])
-
-    parquet = types.ModuleType("pyarrow.parquet")
-    parquet.ParquetFile = ParquetFile
-    monkeypatch.setitem(sys.modules, "pyarrow", types.ModuleType("pyarrow"))
-    monkeypatch.setitem(sys.modules, "pyarrow.parquet", parquet)
-    (tmp_path / "d.parquet").write_bytes(b"")
+    records = [{"prompt": "hi", "chosen": [{"role": "assistant", "content": "a"}],
+                "rejected": [{"role": "assistant", "content": "b"}]},
+               {"prompt": "yo", "chosen": [{"role": "assistant", "content": "c"}],
+                "rejected": [{"role": "assistant", "content": "d"}]}]
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "d.parquet", row_group_size=1)
     rows = list(read_file(tmp_path / "d.parquet", "d.parquet"))
-    assert rows == [Row("d.parquet[0]", RECORDS[0]), Row("d.parquet[1]", RECORDS[1])]
+    assert rows == [Row("d.parquet[0]", records[0]), Row("d.parquet[1]", records[1])]
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(ValueError, match="bad.parquet"):
+        list(read_file(tmp_path / "bad.parquet", "bad.parquet"))
 
 
 def test_missing_file_and_unsupported_type(tmp_path):
