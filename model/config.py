@@ -139,6 +139,10 @@ class ModelConfig:
         return _parse_hf_config(raw, str(path))
 
 
+# What transformers' MistralConfig assumes when config.json has no `sliding_window`.
+MISTRAL_DEFAULT_SLIDING_WINDOW = 4096
+
+
 def _parse_hf_config(raw: dict[str, Any], source: str) -> ModelConfig:
     def fail(message: str) -> ValueError:
         return ValueError(f"{source}: {message}")
@@ -184,11 +188,13 @@ def _parse_hf_config(raw: dict[str, Any], source: str) -> ModelConfig:
     hidden_size = get("hidden_size", required=True)
     rope_theta, rope_scaling = _parse_rope(raw, fail)
 
+    # Mistral: a config without the key gets transformers' default window of 4096; an explicit
+    # null means full attention. (transformers ignores `use_sliding_window` for Mistral.)
     sliding_window = get("sliding_window")
     if architecture == "LlamaForCausalLM" and sliding_window is not None:
         raise fail("field 'sliding_window' is set on a Llama model; only Mistral uses it")
-    if architecture == "MistralForCausalLM" and get("use_sliding_window") is False:
-        sliding_window = None
+    if architecture == "MistralForCausalLM" and "sliding_window" not in raw:
+        sliding_window = MISTRAL_DEFAULT_SLIDING_WINDOW
     try:
         return ModelConfig(
             vocab_size=get("vocab_size", required=True),

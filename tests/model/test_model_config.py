@@ -76,3 +76,18 @@ def test_hf_dict_round_trip_preserves_fields(tmp_path):
                         num_attention_heads=2, num_key_value_heads=1, head_dim=4,
                         rope_scaling=Llama3RopeScaling(8.0, 1.0, 4.0, 64))
     assert ModelConfig.from_hf_dict(fresh.to_hf_dict()) == fresh
+
+
+@pytest.mark.parametrize("window_field, expected", [({}, 4096), ({"sliding_window": None}, None),
+                                                    ({"sliding_window": 32}, 32)])
+def test_mistral_window_matches_transformers(window_field, expected):
+    """A Mistral config.json without `sliding_window` means transformers' default of 4096, not
+    full attention; an explicit null means full attention."""
+    import transformers
+
+    raw = {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "vocab_size": 10,
+           "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
+           "num_attention_heads": 2, **window_field}
+    assert ModelConfig.from_hf_dict(raw).sliding_window == expected
+    assert transformers.MistralConfig(**{k: v for k, v in raw.items()
+                                         if k != "architectures"}).sliding_window == expected
