@@ -23,16 +23,35 @@ from tqdm import tqdm
 from data.layout import PADDING_DOCUMENT, Batch
 from model.config import ModelConfig
 
-# Dense bfloat16 tensor-core peak per GPU, by name fragment (datasheet values).
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12,
-                   "A800": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
+# Dense bfloat16 tensor-core peak FLOP/s per GPU (datasheet values, without sparsity), by the
+# exact name `torch.cuda.get_device_name` reports. Exact names, because fragments mislead: the
+# H100 PCIe has 756 TFLOP/s against the SXM part's 989, and "L4" is a prefix of "L40". A card
+# not listed reports no MFU rather than a wrong one.
+PEAK_BF16_FLOPS = {
+    "NVIDIA H200": 989e12,
+    "NVIDIA H200 NVL": 835e12,
+    "NVIDIA H100 80GB HBM3": 989e12,
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H100 NVL": 835e12,
+    "NVIDIA H800": 989e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-SXM4-40GB": 312e12,
+    "NVIDIA A100 80GB PCIe": 312e12,
+    "NVIDIA A100-PCIE-40GB": 312e12,
+    "NVIDIA A800-SXM4-80GB": 312e12,
+    "NVIDIA L40S": 362e12,
+    "NVIDIA L40": 181e12,
+    "NVIDIA L4": 121e12,
+    "NVIDIA A10": 125e12,
+    "NVIDIA GeForce RTX 4090": 165e12,
+}
 
 
 def peak_flops(device: torch.device) -> float | None:
+    """The device's dense bf16 peak, or None for a CPU or a card not in the table."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    return PEAK_BF16_FLOPS.get(torch.cuda.get_device_name(device).strip())
 
 
 def forward_flops(batch: Batch, config: ModelConfig) -> float:
