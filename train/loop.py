@@ -349,7 +349,8 @@ def _reference(config: Config, source: ModelSource, model: torch.nn.Module, data
         table = reference_log_probs(
             model, examples, key=cache_key(model_id, examples, dtype),
             run_dir=Path(config.train.output_dir), cache_dir=cache_dir, name=name,
-            micro_batch_size=config.train.micro_batch_size, device=env.device,
+            micro_batch_size=config.train.micro_batch_size,
+            packing_length=data.fit.packing_length or "auto", device=env.device,
             use_flex=use_flex, rank=env.rank, world_size=env.world_size, log=log)
         tables.append(TableReference(table))
     return tables[0], tables[1]

@@ -3,10 +3,14 @@
 The reference of DPO is the model before training, so its log-prob of every sequence can be
 computed once, in the shared packed layout (the cheapest), and looked up during training
 instead of running a second model. The table is keyed by what determines it:
-- the model: config.json and a fingerprint of the weights (safetensors headers, sizes and
-  sampled bytes), or the config and seed of a random initialization;
+- the model: config.json and a SHA-256 digest of every byte of every safetensors file (read
+  once, then remembered by path, size, modification time and inode), or the config and seed of
+  a random initialization;
 - the data: every token of every example after tokenization and truncation;
-- the compute dtype.
+- the compute dtype;
+- `TABLE_VERSION`, the version of the code that computes a table (model, kernels, scoring):
+  raised whenever a change to them could change the numbers, so a table computed by older code
+  is never reused from the shared cache.
 It is looked up in the run's own folder first (so a resumed run never depends on the shared
 cache), then in the shared cache, and computed only when neither has it.
 """
@@ -36,6 +40,8 @@ from train.scoring import score_sequences
 __all__ = ["LiveReference", "Reference", "TableReference", "no_reference", "reference_log_probs"]
 
 RUN_FILE = "reference_logps{suffix}.safetensors"
+# Part of every table's key: raise it with any change that can alter the log-probs computed.
+TABLE_VERSION = 2
 _DIGESTS = "file_digests.json"  # in the cache folder: digests of checkpoint files already read
 
 
@@ -82,9 +88,10 @@ def model_fingerprint(model_dir: Path | None, config_path: Path | None, seed: in
     return h.hexdigest()
 
 
-def cache_key(model_id: str, examples: Sequence[Example], dtype: str) -> str:
-    return hashlib.sha256(f"{model_id}/{fingerprint(examples)}/{dtype}".encode()
-                          ).hexdigest()[:40]
+def cache_key(model_id: str, examples: Sequence[Example], dtype: str,
+              version: int = TABLE_VERSION) -> str:
+    text = f"v{version}/{model_id}/{fingerprint(examples)}/{dtype}"
+    return hashlib.sha256(text.encode()).hexdigest()[:40]
 
 
 def read_table(path: Path, key: str, num_sequences: int) -> torch.Tensor | None:
@@ -111,9 +118,13 @@ def write_table(path: Path, key: str, table: torch.Tensor) -> None:
 
 def reference_log_probs(model: torch.nn.Module, examples: Sequence[Example], *, key: str,
                         run_dir: Path, cache_dir: Path, name: str, micro_batch_size: int,
-                        device: torch.device, use_flex: bool, rank: int, world_size: int,
-                        log=print) -> torch.Tensor:
+                        packing_length: int | str, device: torch.device, use_flex: bool,
+                        rank: int, world_size: int, log=print) -> torch.Tensor:
     """Float32 `[num_sequences]` reference log-probs of `examples` on `device`.
+
+    Scored in the shared+packed layout with `micro_batch_size` rows of `packing_length` (pass
+    the training's, so that compiled layers see one row shape in the whole run; "auto" when
+    training is unpacked).
 
     `model` must hold the initial weights when the table has to be computed. Collective: the
     ranks agree on loading or computing (a cache on one node's local disk is not on another's),
@@ -134,7 +145,7 @@ def reference_log_probs(model: torch.nn.Module, examples: Sequence[Example], *, 
         return table.to(device)
     log(f"reference log-probs ({name}): computing {num_sequences} sequences "
         "(one no-grad pass, shared+packed layout)")
-    fitted, report = fit_examples(examples, "shared+packed", "auto", "error")
+    fitted, report = fit_examples(examples, "shared+packed", packing_length, "error")
     logps, _ = score_sequences(model, fitted, layout="shared+packed",
                                packing_length=report.packing_length,
                                micro_batch_size=micro_batch_size, device=device,

@@ -7,11 +7,14 @@ import json
 
 import numpy as np
 import torch
-from conftest import random_examples
+from conftest import random_examples, tiny_config
 from safetensors.torch import load_file, save_file
 
 from data.example import Example, Group
-from train.reference import cache_key, model_fingerprint, read_table, write_table
+from data.loader import fit_examples
+from model.transformer import build_model
+from train.reference import (TABLE_VERSION, cache_key, model_fingerprint, read_table,
+                             reference_log_probs, write_table)
 
 CPU = torch.device("cpu")
 
@@ -46,6 +49,33 @@ def test_cache_key_separates_data_grouping_and_dtype():
     one = [Example(0, (Group(p, (a, b)),), ((0, 1),))]
     two = [Example(0, (Group(p, (a,)), Group(p, (b,))), ((0, 1),))]
     assert cache_key("m", one, "float32") != cache_key("m", two, "float32")
+
+
+def test_cache_key_holds_the_code_version():
+    """A table computed by older code (another TABLE_VERSION) is never found again."""
+    examples = random_examples(6, 50)
+    assert cache_key("m", examples, "float32") == cache_key("m", examples, "float32",
+                                                              TABLE_VERSION)
+    assert cache_key("m", examples, "float32") != cache_key("m", examples, "float32",
+                                                              TABLE_VERSION - 1)
+
+
+def test_reference_is_scored_in_the_training_row_shape(tmp_path):
+    """The table is computed with rows of the training's packing length (512 here, where
+    "auto" would pick a shorter one), so compiled layers meet one row shape in the whole run."""
+    config = tiny_config()
+    model = build_model(config, seed=0)
+    examples, _ = fit_examples(random_examples(20, config.vocab_size, max_len=12),
+                               "shared+packed", 512, "error")
+    shapes = set()
+    model.register_forward_pre_hook(lambda module, args: shapes.add(tuple(args[0].shape)))
+    table = reference_log_probs(model, examples, key="k", run_dir=tmp_path / "run",
+                                cache_dir=tmp_path / "cache", name="train", micro_batch_size=2,
+                                packing_length=512, device=CPU, use_flex=False, rank=0,
+                                world_size=1, log=lambda *a: None)
+    assert shapes == {(2, 512)}
+    assert table.shape == (sum(e.num_sequences for e in examples),)
+    assert torch.isfinite(table).all() and (table < 0).all()
 
 
 def test_table_round_trip_and_key_check(tmp_path):
