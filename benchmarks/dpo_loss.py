@@ -1,6 +1,6 @@
 """Benchmark of the DPO loss: published implementations, and the cost that matters.
 
-    python benchmarks/dpo_loss.py [--quick] [--device cpu|cuda] [--profile]
+    python benchmarks/dpo_loss.py [--quick | --tiny] [--device cpu|cuda] [--profile] [--json OUT]
 
 Part 1, logits -> per-token log-probs -> sigmoid DPO loss, forward and backward to the policy
 logits, on the same four logits tensors (policy/reference x chosen/rejected, `[B, L, V]`
@@ -27,6 +27,9 @@ Every measurement runs in a fresh subprocess. Peak extra memory is, on CUDA,
 `max_memory_allocated` minus the allocation after the inputs exist; on CPU, the process's peak
 RSS (`ru_maxrss`) minus its RSS after the inputs exist (large CPU tensors are mmapped and
 returned on free, so the peak is the high-water mark of the computation). Times are medians.
+`--tiny` is a rehearsal of the whole script in seconds: toy sizes, every measurement in this
+process (peak memory then includes what earlier ones left), figures that mean nothing. `--json`
+writes every figure.
 """
 
 from __future__ import annotations
@@ -47,7 +50,8 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kernels import linear_log_probs, reference_linear_log_probs, sequence_log_probs  # noqa: E402
+from kernels import (DEFAULT_CHUNK_SIZE, linear_log_probs,  # noqa: E402
+                     reference_linear_log_probs, sequence_log_probs)
 from train.losses import LossConfig, preference_loss  # noqa: E402
 
 BETA = 0.1
@@ -143,8 +147,10 @@ def ours_loss(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, chosen_labels: Ten
         labels, logits = labels[:, 1:], logits[:, :-1]
         target_logit = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         token_logps = target_logit - logits.logsumexp(-1)               # [B, L - 1]
-        rows, cols = (labels != IGNORE).nonzero(as_tuple=True)           # real targets only
-        return sequence_log_probs(token_logps[rows, cols], rows, labels.shape[0])
+        real = labels != IGNORE
+        rows, cols = real.nonzero(as_tuple=True)                         # real targets only
+        return (sequence_log_probs(token_logps[rows, cols], rows, labels.shape[0]),
+                real.sum(-1))
 
     chosen, chosen_tokens = sequence_sums(pc, chosen_labels)
     rejected, rejected_tokens = sequence_sums(pr, rejected_labels)
@@ -191,22 +197,27 @@ def part2_inputs(num_tokens: int, vocab: int, dim: int, dtype: torch.dtype, devi
     targets = torch.randint(0, vocab, (num_tokens,), generator=generator, device=device)
     # Tokens split evenly over 2 * num_pairs sequences: chosen 0..P-1, rejected P..2P-1.
     sequence_index = torch.arange(num_tokens, device=device) * (2 * num_pairs) // num_tokens
-    # Reference log-probs near the policy's, so the loss is not saturated; computed in small
-    # chunks so that this setup stays below the memory peak being measured.
+    # Tokens per sequence, known from the layout (as the trainer's batches carry them).
+    sequence_tokens = torch.bincount(sequence_index, minlength=2 * num_pairs)
+    # Reference log-probs near the policy's, so the loss is not saturated. On CPU computed in
+    # small chunks so that this setup stays below the memory peak being measured (the process's
+    # high-water mark); on CUDA the peak is reset after the setup, and the default chunk size
+    # reuses the kernel compiled for the measurement.
+    chunk_size = DEFAULT_CHUNK_SIZE if device == "cuda" else 64
     with torch.no_grad():
-        policy_sums, _ = sequence_log_probs(linear_log_probs(hidden, weight, targets,
-                                                             chunk_size=64),
-                                            sequence_index, 2 * num_pairs)
+        policy_sums = sequence_log_probs(linear_log_probs(hidden, weight, targets,
+                                                          chunk_size=chunk_size),
+                                         sequence_index, 2 * num_pairs)
     ref = policy_sums + torch.randn(2 * num_pairs, generator=generator, device=device)
-    return (hidden.requires_grad_(), weight.requires_grad_(), targets, sequence_index, ref,
-            num_pairs)
+    return (hidden.requires_grad_(), weight.requires_grad_(), targets, sequence_index,
+            sequence_tokens, ref, num_pairs)
 
 
 def part2_step(name: str, inputs) -> tuple[Tensor, list[Tensor]]:
-    hidden, weight, targets, sequence_index, ref, num_pairs = inputs
+    hidden, weight, targets, sequence_index, num_tokens, ref, num_pairs = inputs
     log_probs = (linear_log_probs if name == "kernel" else reference_linear_log_probs)
     token_logps = log_probs(hidden, weight, targets)
-    sums, num_tokens = sequence_log_probs(token_logps, sequence_index, 2 * num_pairs)
+    sums = sequence_log_probs(token_logps, sequence_index, 2 * num_pairs)
     chosen, rejected = slice(0, num_pairs), slice(num_pairs, 2 * num_pairs)
     losses, _, _ = preference_loss(LossConfig(beta=BETA), sums[chosen], sums[rejected],
                                    ref[chosen], ref[rejected], num_tokens[chosen],
@@ -268,14 +279,16 @@ def run_worker(spec: dict) -> dict:
         with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
             step()
             _sync(device)
-        sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+        sort = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
         print(f"--- profile: {spec['label']}", flush=True)
         print(prof.key_averages().table(sort_by=sort, row_limit=12), flush=True)
     return {"median_s": statistics.median(times), "peak_bytes": peak, **check}
 
 
-def measure(spec: dict) -> dict:
-    """Run one spec in a fresh interpreter (so peak memory is its own)."""
+def measure(spec: dict, in_process: bool = False) -> dict:
+    """Run one spec in a fresh interpreter (so peak memory is its own), or here."""
+    if in_process:
+        return run_worker(spec)
     completed = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)],
                                capture_output=True, text=True)
     if completed.returncode != 0:
@@ -314,9 +327,13 @@ def _relative_spread(values: list[float]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes, under a minute on CPU")
+    sizes = parser.add_mutually_exclusive_group()
+    sizes.add_argument("--quick", action="store_true", help="small sizes, under a minute on CPU")
+    sizes.add_argument("--tiny", action="store_true",
+                       help="rehearsal: toy sizes, in one process, figures meaningless")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler tables")
+    parser.add_argument("--json", help="write every figure to this file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -325,18 +342,23 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device available")
     cuda = args.device == "cuda"
-    warmup, repeats = (0, 2) if args.quick else (1, 3)
-    if cuda:
+    warmup, repeats = (0, 2) if args.quick else (0, 1) if args.tiny else (1, 3)
+    if args.tiny:
+        part1_shape = (1, 64, 500)
+        part2_sizes = [(128, 1000, 32), (128, 4000, 32)]
+    elif cuda:
         part1_shape = (1, 8192, 16000) if args.quick else (1, 65536, 16000)
         part2_sizes = [(8192, 32000, 4096), (8192, 128256, 4096)]
-        part2_dtype = "bfloat16"
     else:
         part1_shape = (1, 512, 4000) if args.quick else (1, 2048, 16000)
         tokens = 1024 if args.quick else 4096
         part2_sizes = [(tokens, 32000, 256), (tokens, 128256, 256)]
-        part2_dtype = "float32"
+    part2_dtype = "bfloat16" if cuda else "float32"
     device_name = torch.cuda.get_device_name() if cuda else "CPU"
     print(f"device: {device_name}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    report: dict = {"device": device_name, "torch": torch.__version__,
+                    "cuda": torch.version.cuda, "sizes": "tiny" if args.tiny else
+                    "quick" if args.quick else "full", "warmup": warmup, "repeats": repeats}
 
     rows = []
     print(f"\nPart 1: sigmoid DPO from four logits tensors {part1_shape} float32")
@@ -349,13 +371,15 @@ def main() -> None:
     for name in PART1_IMPLEMENTATIONS:
         spec = dict(part=1, name=name, shape=part1_shape, device=args.device, warmup=warmup,
                     repeats=repeats, profile=args.profile, label=f"part 1 {name}")
-        results[name] = measure(spec)
+        results[name] = measure(spec, in_process=args.tiny)
         rows.append(("1", name, "x".join(map(str, part1_shape)), results[name]))
     spread = max(_relative_spread([r["loss"] for r in results.values()]),
                  *(_relative_spread([r["grad_norms"][i] for r in results.values()])
                    for i in range(2)))
     print(f"  at {part1_shape}: relative spread of loss and gradient norms across the four "
           f"{spread:.1e} (float32 sums of ~{part1_shape[1]} token log-probs, then differences)")
+    report["part1"] = {"shape": list(part1_shape), "oracle_relative_error": errors,
+                       "relative_spread": spread}
 
     print(f"\nPart 2: hidden states -> loss, forward + backward, {part2_dtype}")
     ratios = []
@@ -365,7 +389,7 @@ def main() -> None:
             spec = dict(part=2, name=name, tokens=tokens, vocab=vocab, dim=dim,
                         dtype=part2_dtype, device=args.device, warmup=warmup, repeats=repeats,
                         profile=args.profile, label=f"part 2 {name} V={vocab}")
-            pair[name] = measure(spec)
+            pair[name] = measure(spec, in_process=args.tiny)
             rows.append(("2", name, f"N={tokens} V={vocab} D={dim}", pair[name]))
         loss_gap = _relative_spread([r["loss"] for r in pair.values()])
         grad_gap = max(_relative_spread([r["grad_norms"][i] for r in pair.values()])
@@ -377,17 +401,33 @@ def main() -> None:
     for part, name, size, result in rows:
         print(f"{part:<5}{name:<14}{size:<26}{result['median_s'] * 1e3:>12.1f}"
               f"{result['peak_bytes'] / 2**20:>16.1f}{result['loss']:>14.6f}")
+    report["rows"] = [{"part": int(part), "variant": name, "size": size,
+                       "median_ms": result["median_s"] * 1e3,
+                       "peak_extra_mib": result["peak_bytes"] / 2**20, "loss": result["loss"]}
+                      for part, name, size, result in rows]
     print()
+    report["part2"] = {"dtype": part2_dtype, "comparisons": []}
     for tokens, vocab, dim, pair, loss_gap, grad_gap in ratios:
         ref, ours = pair["materialized"], pair["kernel"]
-        memory_ratio = ours["peak_bytes"] / ref["peak_bytes"]
+        # Peaks are positive in a fresh process; --tiny measures in one, where they may not be.
+        memory_ratio = ours["peak_bytes"] / ref["peak_bytes"] \
+            if ours["peak_bytes"] > 0 and ref["peak_bytes"] > 0 else float("nan")
+        time_ratio = ours["median_s"] / ref["median_s"]
         print(f"N={tokens} V={vocab} D={dim}: kernel / materialized time "
-              f"{ours['median_s'] / ref['median_s']:.2f}x, peak memory {memory_ratio:.3f} "
+              f"{time_ratio:.2f}x, peak memory {memory_ratio:.3f} "
               f"(1/{1 / memory_ratio:.1f}); loss gap {loss_gap:.1e}, grad-norm gap {grad_gap:.1e}")
+        report["part2"]["comparisons"].append(
+            {"tokens": tokens, "vocab": vocab, "dim": dim, "time_ratio": time_ratio,
+             "memory_ratio": memory_ratio if math.isfinite(memory_ratio) else None,
+             "loss_gap": loss_gap, "grad_norm_gap": grad_gap})
         if (tokens, vocab, dim) == (4096, 128256, 256) and not cuda:
             verdict = "yes" if memory_ratio <= 1 / 8 else "NO"
             print(f"  kernel peak <= 1/8 of materialized peak at N=4096 V=128256 D=256: "
                   f"{verdict}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

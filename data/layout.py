@@ -17,11 +17,14 @@ prompt token, which all completions of a group share. No token is duplicated. A 
 for each target its flat index `row * L + predecessor` in the `[B * L]` grid of hidden states,
 its token id, and the slot of the sequence it belongs to, so a sequence's log-prob is a sum over
 its targets.
+
+What the host knows while collating, it records as plain values (`num_tokens`,
+`sequence_num_tokens`), so that nothing in the training step reads a device tensor back.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -53,6 +56,8 @@ class Batch:
     """One micro-batch of rows, ready for the model and the loss.
 
     Row tensors are `[B, L]`; target tensors `[T]`; sequence tensors `[S]`; pair tensors `[N]`.
+    `to` and `pin_memory` move the tensors; `num_tokens` is a host int, readable without a
+    device sync.
     """
 
     input_ids: Tensor           # int64 [B, L]
@@ -63,9 +68,11 @@ class Batch:
     target_ids: Tensor          # int64 [T]
     target_sequence: Tensor     # int64 [T]; sequence slot 0..S-1
     sequence_ids: Tensor        # int64 [S]; dataset-wide sequence number (reference lookup)
+    sequence_num_tokens: Tensor  # int64 [S]; targets of each sequence (its completion's length)
     chosen_sequence: Tensor     # int64 [N]; slot of each pair's chosen sequence
     rejected_sequence: Tensor   # int64 [N]
     pair_ids: Tensor            # int64 [N]; dataset-wide pair number (output order)
+    num_tokens: int             # non-padding tokens, counted while collating
 
     @property
     def num_pairs(self) -> int:
@@ -75,17 +82,16 @@ class Batch:
     def num_sequences(self) -> int:
         return len(self.sequence_ids)
 
-    @property
-    def num_tokens(self) -> int:
-        """Non-padding tokens."""
-        return int((self.document_ids != PADDING_DOCUMENT).sum())
-
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
-        return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
-                        for f in fields(self)})
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> Batch:
-        return Batch(**{f.name: getattr(self, f.name).pin_memory() for f in fields(self)})
+        return self._map(Tensor.pin_memory)
+
+    def _map(self, fn: Callable[[Tensor], Tensor]) -> Batch:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return Batch(**{name: fn(v) if isinstance(v, Tensor) else v
+                        for name, v in values.items()})
 
 
 class Numbering:
@@ -158,6 +164,7 @@ def collate(rows: Sequence[Sequence[int]], examples: Sequence[Example], numberin
     shared = is_shared(layout)
     builder = _RowBuilder(len(rows), row_length)
     sequence_ids: list[int] = []
+    sequence_num_tokens: list[int] = []
     chosen, rejected, pair_ids = [], [], []
     slot_of: dict[int, int] = {}          # dataset-wide sequence number -> slot
     next_document: dict[int, int] = {}    # unpacked: which document of an example comes next
@@ -172,10 +179,11 @@ def collate(rows: Sequence[Sequence[int]], examples: Sequence[Example], numberin
                 docs = docs[k:k + 1]
             for prompt, completions, numbers in docs:
                 slots = []
-                for n in numbers:
+                for n, completion in zip(numbers, completions):
                     slot_of[first_sequence + n] = len(sequence_ids)
                     slots.append(len(sequence_ids))
                     sequence_ids.append(first_sequence + n)
+                    sequence_num_tokens.append(len(completion))
                 builder.add_document(r, prompt, completions, slots)
     # Pairs, once every document of their examples is placed.
     seen: set[int] = set()
@@ -198,6 +206,11 @@ def collate(rows: Sequence[Sequence[int]], examples: Sequence[Example], numberin
     def ints(values: list[int]) -> Tensor:
         return torch.tensor(values, dtype=torch.int64)
 
+    target_sequence = cat(builder.target_sequence)
+    # The kernels index with these without reading them back (no device sync), so they are
+    # right by construction; checked here, on the host, where it is cheap.
+    assert np.array_equal(np.bincount(target_sequence.numpy(), minlength=len(sequence_ids)),
+                          sequence_num_tokens), "targets and sequence lengths disagree"
     return Batch(
         input_ids=torch.from_numpy(builder.tokens),
         positions=torch.from_numpy(builder.positions),
@@ -205,11 +218,13 @@ def collate(rows: Sequence[Sequence[int]], examples: Sequence[Example], numberin
         document_ids=torch.from_numpy(builder.documents),
         target_index=cat(builder.target_index),
         target_ids=cat(builder.target_ids),
-        target_sequence=cat(builder.target_sequence),
+        target_sequence=target_sequence,
         sequence_ids=ints(sequence_ids),
+        sequence_num_tokens=ints(sequence_num_tokens),
         chosen_sequence=ints(chosen),
         rejected_sequence=ints(rejected),
         pair_ids=ints(pair_ids),
+        num_tokens=int(np.count_nonzero(builder.documents != PADDING_DOCUMENT)),
     )
 
 

@@ -13,6 +13,8 @@ rank r takes `s*A*W + a*W + r` for a < A. So the data of a step does not depend 
 split into ranks and micro-batches, and every rank runs the same number of micro-batches: the
 last step of an epoch is completed with empty micro-batches (all padding, no pairs), which is
 also why nothing is dropped. The loss is normalized by the number of pairs the step really has.
+Since the plan is the same on every rank, each rank counts the whole step's pairs and tokens on
+the host (`StepBatches`), with no collective and no device read before the forward passes.
 
 The position (epoch, step) is the state; resuming from it replays the plan and continues with
 exactly the remaining batches. Batches are built in a background thread a few steps ahead.
@@ -83,6 +85,32 @@ def fit_examples(examples: Sequence[Example], layout: str, packing_length: int |
                              packing_efficiency(fitted_lengths, len(rows), length))
 
 
+@dataclass(frozen=True, eq=False)
+class StepBatches(Sequence[Batch]):
+    """This rank's micro-batches of one optimizer step, and the totals of the whole step over
+    all ranks (what the loss is normalized by), known on the host from the loader's plan."""
+
+    batches: list[Batch]
+    num_pairs: int       # pairs in the step, all ranks
+    num_tokens: int      # non-padding tokens in the step, all ranks
+
+    @classmethod
+    def single_process(cls, batches: Sequence[Batch]) -> StepBatches:
+        """A step run by one process alone: its totals are those of its own micro-batches."""
+        batches = list(batches)
+        return cls(batches, sum(b.num_pairs for b in batches),
+                   sum(b.num_tokens for b in batches))
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, index: int) -> Batch:
+        return self.batches[index]
+
+    def __iter__(self) -> Iterator[Batch]:
+        return iter(self.batches)
+
+
 class PreferenceLoader:
     def __init__(self, examples: Sequence[Example], layout: str, micro_batch_size: int,
                  grad_accum: int = 1, world_size: int = 1, rank: int = 0, seed: int = 0,
@@ -102,6 +130,7 @@ class PreferenceLoader:
         self.numbering = Numbering(self.examples)
         self.num_documents = [len(document_lengths(e, is_shared(layout))) for e in self.examples]
         self.lengths = [example_length(e, layout) for e in self.examples]
+        self.pair_counts = [len(e.pairs) for e in self.examples]
         if is_packed(layout):
             if packing_length <= 0 or max(self.lengths, default=0) > packing_length:
                 raise ValueError(f"examples must fit packing_length={packing_length}; "
@@ -156,6 +185,23 @@ class PreferenceLoader:
         indices = [base + a * self.world_size + self.rank for a in range(self.grad_accum)]
         return [plan[i] if i < len(plan) else [] for i in indices]
 
+    def step_totals(self, epoch: int, step: int) -> tuple[int, int]:
+        """(pairs, non-padding tokens) of one whole step, all ranks, counted from the plan:
+        an example lies in one micro-batch (in unpacked layouts listed once per document row)
+        and fills `self.lengths[i]` tokens of it."""
+        per_step = self.grad_accum * self.world_size
+        num_pairs = num_tokens = 0
+        for rows in self.micro_batch_plan(epoch)[step * per_step:(step + 1) * per_step]:
+            for i in {i for row in rows for i in row}:
+                num_pairs += self.pair_counts[i]
+                num_tokens += self.lengths[i]
+        return num_pairs, num_tokens
+
+    def step_batches(self, epoch: int, step: int) -> StepBatches:
+        """This rank's collated micro-batches of one step, with the step's totals."""
+        return StepBatches([self.build(rows) for rows in self.step_rows(epoch, step)],
+                           *self.step_totals(epoch, step))
+
     def build(self, rows: Rows) -> Batch:
         """Collate one micro-batch, padded to `micro_batch_size` rows of a fixed length
         (packed) or of the longest row rounded up to `pad_multiple` (unpacked)."""
@@ -172,16 +218,16 @@ class PreferenceLoader:
 
     # ---- iteration and state --------------------------------------------------------------
 
-    def __iter__(self) -> Iterator[list[Batch]]:
+    def __iter__(self) -> Iterator[StepBatches]:
         """Endless: each item is this rank's `grad_accum` micro-batches of the next step."""
         start = (self.epoch, self.step)
 
-        def produce() -> Iterator[tuple[int, int, list[Batch]]]:
+        def produce() -> Iterator[tuple[int, int, StepBatches]]:
             epoch, step = start
             while True:
                 if step >= self.steps_in_epoch(epoch):
                     epoch, step = epoch + 1, 0
-                yield epoch, step, [self.build(rows) for rows in self.step_rows(epoch, step)]
+                yield epoch, step, self.step_batches(epoch, step)
                 step += 1
 
         for epoch, step, batches in _prefetched(produce(), self.prefetch):

@@ -14,9 +14,17 @@ Two executors of the same math:
   output-gradient scale backward) is one `torch.compile`d function of fixed shape `[chunk_size,
   V]` (the last chunk is padded with ignored rows, so nothing recompiles as N changes), and the
   matmuls stay cuBLAS. bf16/fp16 inputs are multiplied in their own dtype with float32 output
-  (`out_dtype`, torch >= 2.8) so logits are float32 without a float32 copy of the weight; the
-  logit gradient is rounded to the weight dtype for the two backward matmuls, as a bf16
-  `nn.Linear` does, and the weight gradient is accumulated in float32 across chunks.
+  (`out_dtype`) so logits are float32 without a float32 copy of the weight; the logit gradient
+  is rounded to the weight dtype for the two backward matmuls, as a bf16 `nn.Linear` does, and
+  the weight gradient is accumulated in float32 across chunks. Whether this torch and device
+  support those mixed-dtype matmuls (CUDA rejects them before torch 2.10) is probed once per
+  device; where they fail, half weights take the float32 path.
+
+Nothing here reads a device value on the host, so a CUDA forward and backward never wait for
+the GPU: out-of-range targets are refused by a device-side assert on CUDA (a ValueError on CPU,
+where reading is free), and non-finite logits are not checked at all: NaN/inf in hidden or
+weight propagate to the log-probs and gradients, and the training step, which checks its loss
+and gradient norm once per step, skips or stops on them.
 
 `reference_linear_log_probs` is the oracle: same signature, logits materialized plainly.
 `linear_logit_stats` gives per-token mean logit and entropy for metrics, chunked, without grad.
@@ -59,9 +67,10 @@ def linear_log_probs(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_ind
     `targets == ignore_index`. hidden `[N, D]`, weight `[V, D]` (same floating dtype and device),
     targets `[N]` int64. Differentiable w.r.t. hidden and weight; memory O(chunk_size x V).
 
-    Raises ValueError for malformed inputs, targets outside `[0, V)` (other than ignore_index)
-    and non-finite logits (a NaN/inf in hidden or weight). The last two are found from the
-    results: one host sync per call, no extra pass over the logits."""
+    Raises ValueError for malformed inputs, and for targets outside `[0, V)` (other than
+    ignore_index) on CPU; on CUDA such targets fail a device-side assert instead (no host
+    sync). Non-finite hidden or weight values are not refused: they make the output (and the
+    gradients) non-finite."""
     _check_inputs(hidden, weight, targets, chunk_size)
     use_compiled = hidden.is_cuda
     return _LinearLogProbs.apply(hidden, weight, targets, ignore_index, chunk_size, use_compiled)
@@ -94,6 +103,7 @@ class _LinearLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int,
                 chunk_size: int, use_compiled: bool) -> Tensor:
+        _check_targets(targets, ignore_index, weight.shape[0])
         w = _operand_weight(weight, use_compiled)
         stats_dtype = _compute_dtype(hidden)
         log_probs = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
@@ -103,7 +113,6 @@ class _LinearLogProbs(torch.autograd.Function):
             chunk_logp, chunk_lse = stats(_chunk_logits(h, w), t, ignore_index)
             log_probs[start:end] = chunk_logp[:end - start]
             lse[start:end] = chunk_lse[:end - start]
-        _check_results(log_probs, lse, targets, ignore_index, weight.shape[0])
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.ignore_index, ctx.chunk_size, ctx.use_compiled = ignore_index, chunk_size, use_compiled
         return log_probs
@@ -147,7 +156,8 @@ def _forward_stats(logits: Tensor, targets: Tensor, ignore_index: int) -> tuple[
     """logits `[c, V]` fp32 -> (log-prob of target `[c]`, 0 where ignored; logsumexp `[c]`).
     Written out of place and without scatter so torch.compile fuses it into one pass."""
     ignored = targets == ignore_index
-    # Out-of-range targets are reported after the loop; clamp so the gather itself is safe.
+    # Out-of-range targets are refused before the loop (on CUDA asynchronously, so this may
+    # run first): clamp so the gather itself stays in bounds.
     index = targets.masked_fill(ignored, 0).clamp(0, logits.shape[-1] - 1)
     picked = logits.gather(-1, index[:, None]).squeeze(-1)
     lse = logits.logsumexp(-1)
@@ -157,8 +167,8 @@ def _forward_stats(logits: Tensor, targets: Tensor, ignore_index: int) -> tuple[
 def _grad_logits(logits: Tensor, targets: Tensor, lse: Tensor, grad: Tensor,
                  ignore_index: int) -> Tensor:
     """d(sum_i g_i log p_i[t_i]) / d logits = g_i (onehot(t_i) - softmax_i), computed in place
-    on the fp32 logits buffer. Rows with ignored targets get g = 0, hence exact zeros: the
-    forward has already refused non-finite logits, so no 0 * inf can occur."""
+    on the fp32 logits buffer. Rows with ignored targets get g = 0, hence exact zeros
+    wherever their logits are finite (non-finite logits give NaN, as they do in the loss)."""
     ignored = targets == ignore_index
     grad = torch.where(ignored, 0.0, grad)
     grad_logits = logits.sub_(lse[:, None]).exp_().mul_(-grad[:, None])
@@ -192,18 +202,45 @@ def _compute_dtype(hidden: Tensor) -> torch.dtype:
     return torch.float64 if hidden.dtype == torch.float64 else torch.float32
 
 
-# Half-precision matmuls with a float32 result (`out_dtype`) and accumulation into float32
-# (`addmm.dtype_out`) exist on CUDA from torch 2.8. Older versions take the float32 path.
-_HAS_OUT_DTYPE = hasattr(torch.ops.aten.addmm, "dtype_out")
-
-
 def _operand_weight(weight: Tensor, use_compiled: bool) -> Tensor:
     """The weight as the matmuls take it. CUDA half weights stay in their dtype (float32 output
-    via out_dtype, torch >= 2.8); elsewhere float32 (float64 stays), which copies `[V, D]` once
-    per call for half weights, never anything `[N, V]`."""
-    if use_compiled and weight.dtype in _HALF_DTYPES and _HAS_OUT_DTYPE:
+    via out_dtype) where this torch supports that; elsewhere float32 (float64 stays), which
+    copies `[V, D]` once per call for half weights, never anything `[N, V]`."""
+    if use_compiled and weight.dtype in _HALF_DTYPES and _half_matmuls_supported(weight.device):
         return weight
     return weight.to(_compute_dtype(weight))
+
+
+@functools.cache
+def _half_matmuls_supported(device: torch.device) -> bool:
+    """`half_matmuls_work(device)`, decided once per device (one tiny probe and one host sync,
+    at the first half-precision call). CPU is never probed: it has no mixed-dtype matmuls."""
+    return device.type == "cuda" and half_matmuls_work(device)
+
+
+def half_matmuls_work(device: torch.device) -> bool:
+    """Whether `_chunk_logits` and `_accumulate_grad_weight` work on `device` with bf16
+    operands: a float32 `h @ w.T` (`mm` with `out_dtype`, torch >= 2.8) and a float32
+    `acc += g.T @ h` (`addmm.dtype_out`), each equal to the float32 computation on the same
+    values. Before torch 2.10 CUDA rejects these mixed dtypes (pytorch issues 154086 and
+    167931); any failure or mismatch means the float32 path."""
+    generator = torch.Generator().manual_seed(0)
+
+    def draw(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=generator).to(device, torch.bfloat16)
+
+    h, w, g = draw(8, 32), draw(16, 32), draw(8, 16)
+    acc = torch.randn(16, 32, generator=generator).to(device)
+    try:
+        logits = _chunk_logits(h, w)
+        expected_acc = acc + g.float().t() @ h.float()
+        _accumulate_grad_weight(acc, g, h)
+    except Exception:  # noqa: BLE001 - whatever the reason, the float32 path always works
+        return False
+    # bf16 products are exact in float32; only the summation order may differ.
+    return bool(logits.dtype == torch.float32 and acc.dtype == torch.float32
+                and torch.allclose(logits, h.float() @ w.float().t(), rtol=1e-4, atol=1e-4)
+                and torch.allclose(acc, expected_acc, rtol=1e-4, atol=1e-4))
 
 
 def _chunk_logits(h: Tensor, w: Tensor) -> Tensor:
@@ -216,7 +253,7 @@ def _chunk_logits(h: Tensor, w: Tensor) -> Tensor:
 def _accumulate_grad_weight(grad_weight: Tensor, grad_logits: Tensor, h: Tensor) -> None:
     """grad_weight `[V, D]` += grad_logits.T `[V, c]` @ h `[c, D]`, summed in grad_weight's
     dtype. Half operands (CUDA) write straight into the float32 accumulator (cuBLAS
-    C += A @ B, torch >= 2.8); otherwise the operands are already in the accumulator's dtype
+    C += A @ B); otherwise the operands are already in the accumulator's dtype
     except h, whose chunk is cast."""
     if grad_logits.dtype in _HALF_DTYPES:
         torch.ops.aten.addmm.dtype_out(grad_weight, grad_logits.t(), h, grad_weight.dtype,
@@ -279,21 +316,27 @@ def _check_operands(hidden: Tensor, weight: Tensor, chunk_size: int) -> None:
         raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
 
 
-def _check_results(log_probs: Tensor, lse: Tensor, targets: Tensor, ignore_index: int,
-                   vocab_size: int) -> None:
-    """Out-of-range targets and non-finite logits, decided in one host sync."""
+def _check_targets(targets: Tensor, ignore_index: int, vocab_size: int) -> None:
+    """Targets outside `[0, vocab_size)` other than ignore_index: a ValueError naming the first
+    on CPU; on other devices a device-side assert, which fails the next synchronizing call
+    instead of making the host wait for the device on every forward."""
     if targets.numel() == 0:
         return
-    bad_target = ((targets < 0) | (targets >= vocab_size)) & (targets != ignore_index)
-    flags = torch.stack([bad_target.any(), ~torch.isfinite(lse).all(),
-                         ~torch.isfinite(log_probs).all()]).tolist()
-    if flags[0]:
-        index = int(bad_target.nonzero()[0, 0])
+    bad = ((targets < 0) | (targets >= vocab_size)) & (targets != ignore_index)
+    message = (f"a target id is outside the vocabulary [0, {vocab_size}) and is not "
+               f"ignore_index ({ignore_index})")
+    if not values_checked_on_host(targets):
+        torch._assert_async(~bad.any(), message)
+    elif bool(bad.any()):
+        index = int(bad.nonzero()[0, 0])
         raise ValueError(f"target id {int(targets[index])} at position {index} is outside the "
                          f"vocabulary [0, {vocab_size}) and is not ignore_index "
                          f"({ignore_index})")
-    if flags[1] or flags[2]:
-        index = int((~torch.isfinite(lse) | ~torch.isfinite(log_probs)).nonzero()[0, 0])
-        raise ValueError(f"non-finite logits: token {index} has logsumexp {float(lse[index])} "
-                         f"and log-prob {float(log_probs[index])}; hidden or weight holds "
-                         "NaN/inf (a diverged model or a bad checkpoint)")
+
+
+def values_checked_on_host(tensor: Tensor) -> bool:
+    """Whether the kernels check a tensor's values by reading them on the host: on CPU that is
+    free and gives a ValueError naming the bad entry; on an accelerator it would stall the host
+    until the device caught up, so there the checks are device-side asserts
+    (`torch._assert_async`)."""
+    return tensor.device.type == "cpu"

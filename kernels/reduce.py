@@ -1,13 +1,16 @@
-"""Per-token log-probs -> per-sequence sums and token counts.
+"""Per-token log-probs -> per-sequence sums.
 
 The loss works on one number per completion: the sum of its tokens' log-probs, returned in
-float32 whatever the model dtype, and (for length-normalized losses: IPO, SimPO, the NLL term)
-the number of tokens it was summed over. The sum is accumulated in float64: `index_add` adds
-tokens one after another, and in float32 the rounding of thousands of sequential adds shows in
-the small difference of two large sums that DPO takes (1.5e-4 relative on the loss at 1,536
-tokens, against 7e-6 this way); the [T] float64 temporary costs nothing next to the model.
-Tokens arrive flat, in any order, each tagged with the sequence it belongs to, which is how the
+float32 whatever the model dtype. The sum is accumulated in float64: `index_add` adds tokens one
+after another, and in float32 the rounding of thousands of sequential adds shows in the small
+difference of two large sums that DPO takes (1.5e-4 relative on the loss at 1,536 tokens,
+against 7e-6 this way); the [T] float64 temporary costs nothing next to the model. Tokens
+arrive flat, in any order, each tagged with the sequence it belongs to, which is how the
 prefix-shared and packed layouts hand them over.
+
+Token counts per sequence (for length-normalized losses: IPO, SimPO, the NLL term) are not
+computed here: counting on the device (`bincount`) makes the host wait for it, while the
+layout knows them on the host (`Batch.sequence_num_tokens`).
 """
 
 from __future__ import annotations
@@ -15,16 +18,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from kernels.log_probs import values_checked_on_host
+
 
 def sequence_log_probs(token_logps: Tensor, sequence_index: Tensor,
-                       num_sequences: int) -> tuple[Tensor, Tensor]:
+                       num_sequences: int) -> Tensor:
     """token_logps `[T]` (any float dtype), sequence_index `[T]` int64 in `[0, num_sequences)`
-    -> (sums `[S]` float32 (accumulated in float64), differentiable w.r.t. token_logps;
-    num_tokens `[S]` int64).
+    -> sums `[S]` float32 (accumulated in float64), differentiable w.r.t. token_logps.
 
     Every given token counts: pass only real targets (drop ignored positions first). A sequence
-    with no tokens gets sum 0 and count 0. On CUDA the sum uses atomic adds, so its last bits
-    may vary from run to run."""
+    with no tokens gets sum 0. On CUDA the sum uses atomic adds, so its last bits may vary from
+    run to run. An index outside `[0, num_sequences)` raises ValueError on CPU and fails a
+    device-side assert on CUDA (no host sync)."""
     if token_logps.dim() != 1 or sequence_index.dim() != 1:
         raise ValueError(f"expected token_logps [T] and sequence_index [T]; got shapes "
                          f"{tuple(token_logps.shape)} and {tuple(sequence_index.shape)}")
@@ -40,11 +45,17 @@ def sequence_log_probs(token_logps: Tensor, sequence_index: Tensor,
                          f"{sequence_index.device}; expected one device")
     if isinstance(num_sequences, bool) or not isinstance(num_sequences, int) or num_sequences < 0:
         raise ValueError(f"num_sequences must be an int >= 0; got {num_sequences!r}")
-    if sequence_index.numel() and bool(((sequence_index < 0)
-                                        | (sequence_index >= num_sequences)).any()):
-        bad = sequence_index[(sequence_index < 0) | (sequence_index >= num_sequences)][0]
-        raise ValueError(f"sequence_index holds {int(bad)}, outside [0, {num_sequences})")
+    _check_index(sequence_index, num_sequences)
     values = token_logps.double()
-    sums = values.new_zeros(num_sequences).index_add(0, sequence_index, values)
-    num_tokens = torch.bincount(sequence_index, minlength=num_sequences)
-    return sums.float(), num_tokens
+    return values.new_zeros(num_sequences).index_add(0, sequence_index, values).float()
+
+
+def _check_index(sequence_index: Tensor, num_sequences: int) -> None:
+    if sequence_index.numel() == 0:
+        return
+    outside = (sequence_index < 0) | (sequence_index >= num_sequences)
+    if not values_checked_on_host(sequence_index):
+        torch._assert_async(~outside.any(), f"sequence_index is outside [0, {num_sequences})")
+    elif bool(outside.any()):
+        raise ValueError(f"sequence_index holds {int(sequence_index[outside][0])}, outside "
+                         f"[0, {num_sequences})")

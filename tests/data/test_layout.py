@@ -35,7 +35,7 @@ def sequence_log_probs(model, examples, layout, row_length=128):
     numbering = Numbering(examples)
     batch = collate(rows_for(examples, layout), examples, numbering, layout, row_length)
     mask = build_attention_mask(batch.document_ids, batch.segment_ids, batch.positions,
-                                model.config.sliding_window, use_flex=False)
+                                model.config.sliding_window, executor="dense")
     token_logps = model(batch.input_ids, batch.positions, mask, batch.target_index,
                         batch.target_ids)
     sums = torch.zeros(batch.num_sequences).index_add(0, batch.target_sequence, token_logps)
@@ -55,7 +55,7 @@ def alone_log_probs(model, examples):
                 positions = torch.arange(n)[None]
                 zeros = torch.zeros_like(ids)
                 mask = build_attention_mask(zeros, zeros, positions, model.config.sliding_window,
-                                            use_flex=False)
+                                            executor="dense")
                 logits = model.logits(model(ids, positions, mask))[0].float()
                 logps = logits.log_softmax(-1)[len(g.prompt) - 1:n - 1]
                 out.append(logps.gather(-1, torch.from_numpy(c).long()[:, None]).sum())
@@ -108,7 +108,25 @@ def test_no_duplicated_token_and_predecessors():
     assert batch.target_index.tolist() == [2, 3, 2]
     assert batch.target_ids.tolist() == [8, 9, 10]
     assert batch.target_sequence.tolist() == [0, 0, 1]
+    assert batch.sequence_num_tokens.tolist() == [2, 1]
     assert batch.chosen_sequence.tolist() == [0] and batch.rejected_sequence.tolist() == [1]
+    assert batch.num_tokens == 6 and isinstance(batch.num_tokens, int)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_host_counts_match_the_tensors(layout):
+    """`sequence_num_tokens` and `num_tokens`, counted while collating, are what the tensors
+    hold: targets per sequence slot, non-padding tokens. They survive `to` as they are."""
+    examples = random_examples(10, 50)
+    batch = collate(rows_for(examples, layout), examples, Numbering(examples), layout, 128)
+    assert batch.sequence_num_tokens.tolist() == torch.bincount(
+        batch.target_sequence, minlength=batch.num_sequences).tolist()
+    # Each sequence's count is its completion's length, in the dataset's numbering.
+    lengths = [len(c) for e in examples for g in e.groups for c in g.completions]
+    assert batch.sequence_num_tokens.tolist() == [lengths[i] for i in batch.sequence_ids]
+    assert batch.num_tokens == int((batch.document_ids != -1).sum())
+    moved = batch.to("meta")
+    assert moved.num_tokens == batch.num_tokens and moved.sequence_num_tokens.is_meta
 
 
 def test_groups_do_not_see_each_other_and_padding_is_inert(model):
@@ -119,7 +137,7 @@ def test_groups_do_not_see_each_other_and_padding_is_inert(model):
 
     def logps(batch):
         mask = build_attention_mask(batch.document_ids, batch.segment_ids, batch.positions,
-                                    model.config.sliding_window, use_flex=False)
+                                    model.config.sliding_window, executor="dense")
         with torch.no_grad():
             return model(batch.input_ids, batch.positions, mask, batch.target_index,
                          batch.target_ids)

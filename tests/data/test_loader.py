@@ -85,9 +85,27 @@ def test_last_step_is_completed_with_empty_micro_batches():
     loaders = [make(examples, "shared", grad_accum=2, world_size=2, rank=r) for r in range(2)]
     assert loaders[0].steps_in_epoch(0) == 1
     rank0, rank1 = (next(iter(loader)) for loader in loaders)
-    assert sorted(b.num_pairs for b in rank0 + rank1) == [0, 1, 4, 4]
+    assert sorted(b.num_pairs for b in [*rank0, *rank1]) == [0, 1, 4, 4]
+    assert rank0.num_pairs == rank1.num_pairs == 9
     assert rank1[1].num_pairs == 0 and rank1[1].num_tokens == 0
     assert rank1[1].input_ids.shape[0] == 4 and len(rank1[1].target_ids) == 0
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_step_totals_count_every_rank_without_collating_them(layout):
+    """Each rank's StepBatches carries the whole step's pairs and non-padding tokens, counted
+    from the plan: equal on every rank to the sums over all ranks' collated micro-batches."""
+    examples = random_examples(57, 50)
+    loaders = [make(examples, layout, grad_accum=2, world_size=3, rank=r) for r in range(3)]
+    iters = [iter(loader) for loader in loaders]
+    for _ in range(loaders[0].steps_in_epoch(0) + 1):  # into the next epoch
+        steps = [next(it) for it in iters]
+        batches = [b for step in steps for b in step]
+        for step in steps:
+            assert len(step) == 2
+            assert step.num_pairs == sum(b.num_pairs for b in batches)
+            assert step.num_tokens == sum(b.num_tokens for b in batches) > 0
+    assert loaders[0].state_dict()["epoch"] == 1
 
 
 @pytest.mark.parametrize("layout", ["shared+packed", "paired"])

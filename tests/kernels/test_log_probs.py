@@ -1,6 +1,8 @@
 """`linear_log_probs` (chunked, recomputing) against `reference_linear_log_probs` (logits
 materialized): values and gradients for hidden and weight, odd sizes, ignored targets, dtypes,
-tied weights, strided inputs, what is saved for backward, and input errors."""
+tied weights, strided inputs, what is saved for backward, input errors (host-side on CPU,
+device-side as on CUDA), non-finite values passed through, and the probe that decides whether
+half-precision weights may stay half."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from torch import nn
 
 from kernels import (DEFAULT_CHUNK_SIZE, linear_log_probs, linear_logit_stats,
                      reference_linear_log_probs)
+import kernels.log_probs as log_probs_module
 from kernels.log_probs import _LinearLogProbs
 
 IGNORE = -100
@@ -276,16 +279,112 @@ def test_bad_inputs_raise_clear_errors(args, message):
         linear_log_probs(*args)
 
 
-@pytest.mark.parametrize("where", ["hidden", "weight"])
-def test_non_finite_values_are_reported(where):
+def test_non_finite_hidden_propagates_to_its_token_only():
+    """No check, no error: a NaN hidden state gives that token a NaN log-prob and NaN
+    gradients (for the training step's non-finite policy to act on); the other tokens' values
+    are exactly those of the clean input."""
     hidden, weight, targets = make_inputs(10, 12, 4, ignored=False)
-    hidden, weight = hidden.detach().clone(), weight.detach().clone()
-    if where == "hidden":
-        hidden[6, 1] = float("nan")
+    clean = linear_log_probs(hidden, weight, targets, chunk_size=4).detach()
+    bad = hidden.detach().clone()
+    bad[6, 1] = float("nan")
+    bad.requires_grad_()
+    out = linear_log_probs(bad, weight, targets, chunk_size=4)
+    assert math.isnan(out[6].item())
+    rest = torch.arange(10) != 6
+    assert torch.equal(out[rest], clean[rest])
+    grad_hidden, grad_weight = torch.autograd.grad(out.sum(), (bad, weight))
+    assert torch.isnan(grad_hidden[6]).all() and torch.isfinite(grad_hidden[rest]).all()
+    assert not torch.isfinite(grad_weight).all()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weight_makes_the_output_non_finite(value):
+    """A NaN weight entry reaches every token's logsumexp; an inf one, every token whose
+    hidden state has the sign that makes its logit +inf."""
+    hidden, weight, targets = make_inputs(10, 12, 4, ignored=False)
+    weight = weight.detach().clone()
+    weight[3, 2] = value
+    out = linear_log_probs(hidden, weight, targets, chunk_size=4)
+    if math.isnan(value):
+        assert torch.isnan(out).all()
     else:
-        weight[3, 2] = float("inf")
-    with pytest.raises(ValueError, match="non-finite logits: token"):
+        assert not torch.isfinite(out[hidden[:, 2] > 0]).any()
+    grad_hidden, = torch.autograd.grad(out.sum(), hidden)
+    assert not torch.isfinite(grad_hidden).all()
+
+
+@pytest.fixture
+def device_side_checks(monkeypatch):
+    """Value checks as on CUDA: device-side asserts instead of host reads."""
+    monkeypatch.setattr(log_probs_module, "values_checked_on_host", lambda tensor: False)
+
+
+@pytest.mark.parametrize("bad_target", [12, -5])
+def test_device_side_target_check(device_side_checks, bad_target):
+    """On CUDA an out-of-range target fails `torch._assert_async` (on CPU, which runs it
+    eagerly, a RuntimeError) instead of a host-read ValueError; valid and ignored targets
+    pass it."""
+    hidden, weight, targets = make_inputs(10, 12, 4)
+    torch.testing.assert_close(linear_log_probs(hidden, weight, targets, chunk_size=4),
+                               reference_linear_log_probs(hidden, weight, targets))
+    targets[2] = bad_target
+    with pytest.raises(RuntimeError, match="outside the vocabulary \\[0, 12\\)"):
         linear_log_probs(hidden, weight, targets, chunk_size=4)
+
+
+class _FakeHalfMatmuls:
+    """Stand-ins for the CUDA-only mixed-dtype ops, so their probe can be run on CPU: correct
+    by default, or broken in one of the ways old torch versions are."""
+
+    def __init__(self, monkeypatch, mm="ok", addmm="ok"):
+        real_mm = torch.mm
+
+        def mm_op(a, b, out_dtype=None):
+            if mm == "raises":
+                raise RuntimeError("expected mat1 and mat2 to have the same dtype")
+            result = real_mm(a.float(), b.float())
+            return result.to(torch.bfloat16).float() if mm == "rounds" else result
+
+        def addmm_op(acc, a, b, dtype, out):
+            if addmm == "raises":
+                raise RuntimeError("self and mat2 must have the same dtype")
+            product = real_mm(a.float(), b.float())
+            # "overwrites": the accumulator is ignored, as a broken out= path would.
+            return out.copy_(product if addmm == "overwrites" else acc + product)
+
+        monkeypatch.setattr(torch, "mm", mm_op)
+        monkeypatch.setattr(torch.ops.aten.addmm, "dtype_out", addmm_op, raising=False)
+
+
+@pytest.mark.parametrize("mm,addmm,works", [
+    ("ok", "ok", True),
+    ("raises", "ok", False),
+    ("rounds", "ok", False),        # logits rounded to bf16: not the float32 result
+    ("ok", "raises", False),
+    ("ok", "overwrites", False),    # no accumulation into the float32 gradient
+])
+def test_half_matmul_probe_falls_back_to_float32(monkeypatch, mm, addmm, works):
+    _FakeHalfMatmuls(monkeypatch, mm, addmm)
+    assert log_probs_module.half_matmuls_work(torch.device("cpu")) is works
+
+
+def test_half_matmuls_unsupported_on_cpu_and_never_probed_there(monkeypatch):
+    """The real ops do not exist on CPU, so the probe says no; and CPU never runs it: bf16
+    CPU inputs take the float32 path without asking."""
+    assert log_probs_module.half_matmuls_work(torch.device("cpu")) is False
+
+    def no_probe(device):
+        raise AssertionError("probed on CPU")
+
+    monkeypatch.setattr(log_probs_module, "half_matmuls_work", no_probe)
+    log_probs_module._half_matmuls_supported.cache_clear()
+    try:
+        hidden, weight, targets = make_inputs(6, 9, 4, dtype=torch.bfloat16)
+        assert log_probs_module._operand_weight(weight, use_compiled=True).dtype == torch.float32
+        linear_log_probs(hidden, weight, targets)
+        assert not log_probs_module._half_matmuls_supported(torch.device("cpu"))
+    finally:
+        log_probs_module._half_matmuls_supported.cache_clear()
 
 
 def test_logit_stats_match_explicit_logits():

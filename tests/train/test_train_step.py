@@ -1,5 +1,7 @@
 """One optimizer step, in process: the first loss is ln 2, the update does not depend on the
-micro-batch split, and a non-finite loss leaves the weights alone."""
+micro-batch split, the loss is normalized by the step's pair count that comes with the
+batches, and a non-finite loss (from the reference or the model's own weights) leaves the
+weights alone."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import pytest
 import torch
 from conftest import random_examples, tiny_config
 
-from data.loader import PreferenceLoader, fit_examples
+from data.loader import PreferenceLoader, StepBatches, fit_examples
 from model.transformer import build_model
 from train.config import OptimSection
 from train.distributed import Distributed
@@ -28,7 +30,7 @@ def setup_run(layout="shared+packed", micro_batch_size=8, grad_accum=1, seed=0):
     examples, report = fit_examples(random_examples(48, model.config.vocab_size, seed=seed),
                                     layout, 128, "error")
     table, _ = score_sequences(model, examples, layout="shared+packed", packing_length=128,
-                               micro_batch_size=4, device=CPU.device, use_flex=False,
+                               micro_batch_size=4, device=CPU.device, attention="dense",
                                progress=False)
     loader = PreferenceLoader(examples, layout, micro_batch_size, grad_accum,
                               packing_length=report.packing_length, pad_multiple=8, seed=1)
@@ -39,7 +41,7 @@ def step(model, reference, batches, loss=LossConfig(), optimizer=None):
     optimizer = optimizer or build_optimizer(model, OptimSection(lr=1e-2), CPU.device)
     return train_step(model, batches, reference=reference, loss_config=loss,
                       loss_state=LossState(), optimizer=optimizer, max_grad_norm=0.0, env=CPU,
-                      use_flex=False)[0]
+                      attention="dense")[0]
 
 
 @pytest.mark.parametrize("layout", ["shared+packed", "paired"])
@@ -83,3 +85,43 @@ def test_nonfinite_loss_skips_the_update():
     assert not result.finite and math.isnan(result.loss)
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name]), name
+
+
+def test_nonfinite_weights_skip_the_update():
+    """The log-prob kernel does not refuse non-finite logits: a NaN weight makes the loss NaN
+    and the step skips the update (train.nonfinite decides what the run does next)."""
+    model, reference, loader = setup_run()
+    with torch.no_grad():
+        model.lm_head.weight[5, 3] = float("nan")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = step(model, reference, next(iter(loader)))
+    assert not result.finite and math.isnan(result.loss)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p, before[name], rtol=0, atol=0, equal_nan=True, msg=name)
+
+
+def test_loss_is_divided_by_the_pair_count_that_comes_with_the_step():
+    """Another rank's pairs count too: the same micro-batches in a step said to hold twice as
+    many pairs give half the loss and half the gradient."""
+    model, reference, loader = setup_run()
+    batches = next(iter(loader))
+    assert batches.num_pairs == sum(b.num_pairs for b in batches)
+    losses, grads = [], []
+    for num_pairs in (batches.num_pairs, 2 * batches.num_pairs):
+        sgd = torch.optim.SGD(model.parameters(), lr=0.0)
+        result, _ = train_step(
+            model, StepBatches(list(batches), num_pairs, 7), reference=reference,
+            loss_config=LossConfig(), loss_state=LossState(), optimizer=sgd, max_grad_norm=0.0,
+            env=CPU, attention="dense")
+        assert result.num_pairs == num_pairs and result.num_tokens == 7
+        losses.append(result.loss)
+        grads.append(result.metrics["grad_norm"])
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-6)
+    assert losses[1] == pytest.approx(losses[0] / 2, rel=1e-6)
+    assert grads[1] == pytest.approx(grads[0] / 2, rel=1e-5) and grads[0] > 0
+
+
+def test_plain_lists_are_refused():
+    model, reference, loader = setup_run()
+    with pytest.raises(TypeError, match="StepBatches.single_process"):
+        step(model, reference, list(next(iter(loader))))
