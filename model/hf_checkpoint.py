@@ -6,7 +6,9 @@ which also serves the local cache offline). Writes the same format back: shards 
 `max_shard_bytes` with an index, plus config.json, loadable by transformers and vLLM.
 
 Names: ours are Hugging Face's without the leading `model.` (see `hf_to_ours`). Tensors are
-read with safetensors only; nothing is ever unpickled.
+read with safetensors only; nothing is ever unpickled. Every header is validated before any
+data is read (`CheckpointReader`); then tensors are read one at a time, whole or, for a
+parameter sharded over ranks, only the rows this rank holds (`load_weights`).
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ import json
 import os
 import shutil
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch.distributed.tensor import DTensor, Shard
 
 from model.config import ModelConfig
 from model.transformer import Transformer, build_model
@@ -87,51 +91,95 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
-def iter_tensors(model_dir: Path, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor of the checkpoint, one at a time, under our names, validated against
-    `config`: unexpected names, duplicates and shapes as they come, missing names at the end.
-    Only one tensor is in memory at a time."""
-    expected = expected_shapes(config)
-    if config.tie_word_embeddings:
-        expected.pop("lm_head.weight")  # omitted by tied checkpoints, or equal to the embedding
-    source: dict[str, Path] = {}
-    head = None
-    for file in checkpoint_files(model_dir):
-        try:
-            with safe_open(file, framework="pt") as f:
+@dataclass(frozen=True)
+class StoredTensor:
+    """One tensor of a checkpoint, as its file's header describes it."""
+
+    file: Path
+    hf_name: str
+    shape: tuple[int, ...]
+
+
+class CheckpointReader:
+    """A checkpoint's tensors under our names, validated against `config` from the file
+    headers alone, before any data is read: unexpected names, duplicates across files, shapes,
+    missing names. Data is then read by rows (`read`), so a rank that holds a slice of a
+    parameter reads only that slice. A tied checkpoint may also store the head; it must equal
+    the embedding, which is checked row by row as the embedding is read."""
+
+    def __init__(self, model_dir: Path, config: ModelConfig):
+        self.model_dir = model_dir
+        expected = expected_shapes(config)
+        if config.tie_word_embeddings:
+            # omitted by tied checkpoints, or stored equal to the embedding
+            expected.pop("lm_head.weight")
+        self.tensors: dict[str, StoredTensor] = {}
+        self.tied_head: StoredTensor | None = None
+        for file in checkpoint_files(model_dir):
+            with _opened(file) as f:
                 for hf_name in f.keys():
                     if hf_name.endswith(_IGNORED_SUFFIXES):
                         continue
                     name = hf_to_ours(hf_name)
+                    stored = StoredTensor(file, hf_name, tuple(f.get_slice(hf_name).get_shape()))
                     if config.tie_word_embeddings and name == "lm_head.weight":
-                        head = f.get_tensor(hf_name)
+                        self._check(stored, expected["embed_tokens.weight"], self.tied_head)
+                        self.tied_head = stored
                         continue
                     if name not in expected:
                         raise ValueError(f"{file}: unexpected tensor {hf_name!r} for a "
                                          f"{config.architecture} with {config.num_hidden_layers} "
                                          "layers")
-                    if name in source:
-                        raise ValueError(f"{file}: tensor {hf_name!r} also in {source[name]}")
-                    tensor = f.get_tensor(hf_name)
-                    if tuple(tensor.shape) != expected[name]:
-                        raise ValueError(f"{file}: tensor {hf_name!r} has shape "
-                                         f"{tuple(tensor.shape)}, expected {expected[name]} "
-                                         "from config.json")
-                    source[name] = file
-                    yield name, tensor
+                    self._check(stored, expected[name], self.tensors.get(name))
+                    self.tensors[name] = stored
+        missing = sorted(ours_to_hf(n) for n in expected if n not in self.tensors)
+        if missing:
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            raise ValueError(f"{model_dir}: missing tensors {', '.join(missing[:5])}{more}")
+
+    @staticmethod
+    def _check(stored: StoredTensor, shape: tuple[int, ...], seen: StoredTensor | None) -> None:
+        if seen is not None:
+            raise ValueError(f"{stored.file}: tensor {stored.hf_name!r} also in {seen.file}")
+        if stored.shape != shape:
+            raise ValueError(f"{stored.file}: tensor {stored.hf_name!r} has shape {stored.shape}, "
+                             f"expected {shape} from config.json")
+
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows `[start:stop)` of dim 0 of tensor `name` (all of it by default), in its stored
+        dtype, on the CPU; nothing else of the file is read."""
+        rows = _read_rows(self.tensors[name], start, stop)
+        if name == "embed_tokens.weight" and self.tied_head is not None:
+            if not torch.equal(rows, _read_rows(self.tied_head, start, stop)):
+                raise ValueError(f"{self.model_dir}: tie_word_embeddings is true but "
+                                 "lm_head.weight differs from model.embed_tokens.weight")
+        return rows
+
+
+def _opened(file: Path):
+    """safe_open, with a damaged file reported as the user's error (file named)."""
+    try:
+        return safe_open(file, framework="pt")
+    except SafetensorError as e:
+        raise ValueError(f"{file}: not a valid safetensors file, truncated or corrupt "
+                         f"({e})") from None
+
+
+def _read_rows(stored: StoredTensor, start: int, stop: int | None) -> torch.Tensor:
+    with _opened(stored.file) as f:
+        try:
+            return f.get_slice(stored.hf_name)[start:stop]
         except SafetensorError as e:
-            raise ValueError(f"{file}: not a valid safetensors file, truncated or corrupt "
-                             f"({e})") from None
-    missing = sorted(ours_to_hf(n) for n in expected if n not in source)
-    if missing:
-        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise ValueError(f"{model_dir}: missing tensors {', '.join(missing[:5])}{more}")
-    if head is not None:  # a tied checkpoint that also stores the head: it must be the same
-        with safe_open(source["embed_tokens.weight"], framework="pt") as f:
-            embedding = f.get_tensor(ours_to_hf("embed_tokens.weight"))
-        if not torch.equal(head, embedding):
-            raise ValueError(f"{model_dir}: tie_word_embeddings is true but lm_head.weight "
-                             "differs from model.embed_tokens.weight")
+            raise ValueError(f"{stored.file}: could not read tensor {stored.hf_name!r}, the "
+                             f"file is truncated or corrupt ({e})") from None
+
+
+def iter_tensors(model_dir: Path, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the checkpoint, one at a time and whole, under our names, validated
+    against `config` (see `CheckpointReader`). Only one tensor is in memory at a time."""
+    reader = CheckpointReader(model_dir, config)
+    for name in reader.tensors:
+        yield name, reader.read(name)
 
 
 def load_state_dict(model_dir: Path, config: ModelConfig,
@@ -142,13 +190,37 @@ def load_state_dict(model_dir: Path, config: ModelConfig,
             for name, t in iter_tensors(model_dir, config)}
 
 
+def local_rows(param: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """The tensor that holds `param`'s values in this process, and the rows `[start, stop)` of
+    the full parameter that it holds: all of them for a plain tensor; for a DTensor sharded
+    on dim 0 over a one-dimensional mesh (FSDP2's layout), this rank's `torch.chunk` piece,
+    which may be short or empty when the rows do not split evenly."""
+    if not isinstance(param, DTensor):
+        return param, 0, param.shape[0]
+    assert param.device_mesh.ndim == 1 and param.placements == (Shard(0),), param.placements
+    local = param.to_local()
+    num_rows, num_ranks = param.shape[0], param.device_mesh.size()
+    chunk = -(-num_rows // num_ranks)
+    start = min(param.device_mesh.get_local_rank() * chunk, num_rows)
+    stop = min(start + chunk, num_rows)
+    assert local.shape == (stop - start, *param.shape[1:]), (local.shape, start, stop)
+    return local, start, stop
+
+
 @torch.no_grad()
 def load_weights(model: Transformer, model_dir: Path) -> Transformer:
-    """Copy a checkpoint into a materialized model tensor by tensor, converting to the model's
-    dtype and device: host memory holds one tensor at a time, whatever the model's size."""
-    params = dict(model.named_parameters())
-    for name, tensor in iter_tensors(model_dir, model.config):
-        params[name].copy_(tensor)
+    """Copy a checkpoint into a materialized model parameter by parameter, converting to the
+    model's dtype and device. A parameter sharded over ranks (see `local_rows`) is read only
+    for its local rows: host memory holds one tensor, or this rank's slice of one, at a
+    time, whatever the model's size."""
+    reader = CheckpointReader(model_dir, model.config)
+    # The state dict's names are ours whatever wraps the layers; keep_vars: the parameters
+    # themselves, written in place.
+    params = model.state_dict(keep_vars=True)
+    for name in reader.tensors:
+        local, start, stop = local_rows(params[name])
+        if start < stop:
+            local.copy_(reader.read(name, start, stop))
     return model
 
 

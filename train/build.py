@@ -5,6 +5,7 @@ Kept apart from the loop so `train()` reads as a sequence of steps.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,8 +18,8 @@ from data.example import Example
 from data.loader import FitReport, fit_examples
 from data.tokenizer import Tokenizer, load_tokenizer
 from model.config import ModelConfig
-from model.hf_checkpoint import load_weights, resolve_model_dir
-from model.transformer import Transformer, build_model
+from model.hf_checkpoint import load_weights, local_rows, resolve_model_dir
+from model.transformer import Transformer
 from train.config import ModelSection
 
 
@@ -39,12 +40,34 @@ class ModelSource:
         path = Path(section.config)
         return cls(ModelConfig.from_file(path), None, path, section.init_seed)
 
-    def build(self, device: torch.device, dtype: torch.dtype = torch.float32) -> Transformer:
-        """The initial model, unsharded, on `device`: the same weights on every rank."""
-        if self.checkpoint_dir is None:
-            return build_model(self.config, device=device, dtype=dtype, seed=self.seed)
-        return load_weights(build_model(self.config, device=device, dtype=dtype),
-                            self.checkpoint_dir)
+    def build(self, device: torch.device, dtype: torch.dtype = torch.float32,
+              shard: Callable[[Transformer], Transformer] | None = None) -> Transformer:
+        """The initial model on `device` in `dtype`. It is built on the meta device, where
+        `shard` (e.g. `train.parallelize.parallelize`) wraps it before any memory is
+        allocated; then each rank allocates only its own shards and fills them, from the
+        checkpoint by reading only its rows of each tensor, or from the seed by drawing each
+        full parameter in turn and keeping its rows. The weights are those of `load_model` or
+        `build_model(config, seed=seed)`, whatever the number of ranks."""
+        with torch.device("meta"):
+            model = Transformer(self.config).to(dtype)
+        if shard is not None:
+            model = shard(model)
+        model.to_empty(device=device)
+        model.tie_weights()  # to_empty gives the embedding and the head a tensor each
+        if self.checkpoint_dir is not None:
+            return load_weights(model, self.checkpoint_dir)
+        init_local_weights(model, torch.Generator(device=device).manual_seed(self.seed))
+        return model
+
+
+@torch.no_grad()
+def init_local_weights(model: Transformer, generator: torch.Generator) -> None:
+    """`Transformer.init_weights` for parameters that may be sharded over ranks: the same full
+    values, drawn in the same order on the generator's device, of which each rank keeps its
+    own rows (memory: the shards plus one full parameter)."""
+    for param, value in model.initial_weights(generator):
+        local, start, stop = local_rows(param)
+        local.copy_(value[start:stop])
 
 
 def tokenizer_for(data: DataConfig, source: ModelSource) -> Tokenizer:

@@ -2,15 +2,21 @@
 
 1. activation checkpointing of each decoder layer (recompute its activations in backward);
 2. `torch.compile` of each layer (CUDA), in place so parameter names do not change;
-3. `fully_shard` (FSDP2) of each layer, then of the root, which holds the embedding, the final
-   norm and the head: the log-prob kernel runs inside the root's forward, where the head weight
-   is gathered.
+3. `fully_shard` (FSDP2) of each layer, then of the embedding, then of the final norm and the
+   head together (the log-prob kernel runs inside the head's forward, where its weight is
+   gathered), then of the root. Tied embeddings (one weight for the embedding and the head)
+   stay in the root instead, gathered for the whole forward and backward.
+
+Meant to be applied to a model still on the meta device (`train.build.ModelSource.build`), so
+that each rank then allocates only its shards; it also works on a materialized model.
 
 On CUDA, parameters stay float32 and are gathered in bfloat16 for compute, with gradients
 reduced in float32. On CPU everything is float32.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import nn
@@ -22,9 +28,20 @@ from model.transformer import Transformer
 
 
 def parallelize(model: Transformer, mesh: DeviceMesh, *, mixed_precision: bool,
-                activation_checkpointing: bool = False, compile: bool = False) -> Transformer:
+                activation_checkpointing: bool = False, compile: bool = False,
+                reshard_after_forward: bool | None = None) -> Transformer:
+    """Shard `model` over `mesh` in place (see the module docstring); returns it.
+
+    `reshard_after_forward`: free each unit's gathered weights after its forward and gather
+    them again in backward. By default only with more than one rank: on one rank the gathered
+    weights are a local copy of one whole model (in the compute dtype), kept from forward to
+    backward rather than copied again layer by layer. A frozen model (no backward) passes
+    True: nothing would use the kept copies."""
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if mixed_precision else MixedPrecisionPolicy()
+    if reshard_after_forward is None:
+        reshard_after_forward = mesh.size() > 1
+    shard = functools.partial(fully_shard, mesh=mesh, mp_policy=policy)
     for index, layer in enumerate(model.layers):
         if activation_checkpointing:
             # The wrapper's state-dict hooks keep the parameter names unchanged.
@@ -32,8 +49,15 @@ def parallelize(model: Transformer, mesh: DeviceMesh, *, mixed_precision: bool,
         if compile:
             layer.compile()
         model.layers[index] = layer
-        fully_shard(layer, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+        shard(layer, reshard_after_forward=reshard_after_forward)
+    if not model.config.tie_word_embeddings:
+        shard(model.embed_tokens, reshard_after_forward=reshard_after_forward)
+        # One unit for the two, whose forwards run back to back. Backward starts here, so its
+        # weights are kept after forward rather than gathered again at once (as torchtitan
+        # does); a frozen model's `reshard` frees them.
+        shard([model.norm, model.lm_head], reshard_after_forward=False)
+    # The root: what is left (the tied embedding and head, and the norm then).
+    shard(model)
     return model
 
 

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model.hf_checkpoint import load_model, resolve_model_dir, save_hf_checkpoint
+import model.hf_checkpoint as hf_checkpoint_module
+from model.config import ModelConfig
+from model.hf_checkpoint import (CheckpointReader, load_model, load_weights, resolve_model_dir,
+                                 save_hf_checkpoint)
+from model.transformer import build_model
 
 
 def test_missing_folder_and_files(tmp_path):
@@ -138,3 +143,27 @@ def test_duplicate_tensor_across_shards(hf_checkpoint):
     save_file(b, second, metadata={"format": "pt"})
     with pytest.raises(ValueError, match="also in"):
         load_model(folder)
+
+
+def test_headers_are_validated_before_any_data_is_read(hf_checkpoint, monkeypatch):
+    """Validation (names, duplicates, shapes, missing) reads only the headers, so a bad
+    checkpoint is refused before a byte of data is read; then rows are read on demand."""
+    folder, hf_model = hf_checkpoint("llama_gqa", max_shard_size="40KB")
+    config = ModelConfig.from_file(folder)
+    reads = []
+    read_rows = hf_checkpoint_module._read_rows
+    monkeypatch.setattr(hf_checkpoint_module, "_read_rows",
+                        lambda stored, start, stop: reads.append(stored.hf_name)
+                        or read_rows(stored, start, stop))
+    reader = CheckpointReader(folder, config)
+    assert reads == [] and len(reader.tensors) == len(hf_model.state_dict())
+    embedding = hf_model.state_dict()["model.embed_tokens.weight"]
+    assert torch.equal(reader.read("embed_tokens.weight", 100, 107), embedding[100:107])
+    assert torch.equal(reader.read("embed_tokens.weight"), embedding)
+    assert reads == ["model.embed_tokens.weight"] * 2
+
+    reads.clear()
+    wider = replace(config, intermediate_size=97)
+    with pytest.raises(ValueError, match=r"mlp\.\w+_proj\.weight' has shape .*97"):
+        load_weights(build_model(wider), folder)
+    assert reads == []

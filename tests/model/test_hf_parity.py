@@ -20,7 +20,7 @@ def causal_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
     positions = torch.arange(seq_len).expand(batch, seq_len)
     zeros = torch.zeros_like(input_ids)
     mask = build_attention_mask(zeros, zeros, positions, model.config.sliding_window,
-                                use_flex=False)
+                                executor="dense")
     return model.logits(model(input_ids, positions, mask))
 
 
@@ -35,6 +35,27 @@ def test_logits_match_transformers(hf_checkpoint, variant, sharded):
     with torch.no_grad():
         expected = hf_model(input_ids).logits
         actual = causal_logits(ours, input_ids)
+    assert (actual - expected).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("variant", ["llama_gqa", "llama_tied"])
+def test_target_log_probs_match_transformers(hf_checkpoint, variant):
+    """The training path: given targets, the head module returns each target's log-prob,
+    read from the hidden state at its flat index, as log_softmax of transformers' logits."""
+    folder, hf_model = hf_checkpoint(variant)
+    ours = load_model(folder)
+    generator = torch.Generator().manual_seed(2)
+    input_ids = torch.randint(0, ours.config.vocab_size, (2, SEQ_LEN), generator=generator)
+    target_index = torch.randperm(2 * SEQ_LEN, generator=generator)[:17]
+    target_ids = torch.randint(0, ours.config.vocab_size, (17,), generator=generator)
+    positions = torch.arange(SEQ_LEN).expand(2, SEQ_LEN)
+    zeros = torch.zeros_like(input_ids)
+    mask = build_attention_mask(zeros, zeros, positions, None, executor="dense")
+    with torch.no_grad():
+        logps = hf_model(input_ids).logits.flatten(0, 1).log_softmax(-1)
+        expected = logps[target_index, target_ids]
+        actual = ours(input_ids, positions, mask, target_index, target_ids)
+    assert actual.dtype == torch.float32 and actual.shape == (17,)
     assert (actual - expected).abs().max().item() <= 1e-5
 
 

@@ -1,5 +1,6 @@
 """FSDP2 wrapping from outside the model (one gloo rank, in process): activation checkpointing
-and sharding keep names and numbers; a failed checkpoint save leaves the previous one whole."""
+and sharding keep names and numbers, the units are the intended ones; a failed checkpoint save
+leaves the previous one whole. Two ranks: tests/train/test_sharded_build.py."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ import json
 import pytest
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import get_model_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import FSDPModule
 from conftest import random_examples, tiny_config
 
 from data.loader import PreferenceLoader, fit_examples
 from model.transformer import build_model
+from train.build import ModelSource
 from train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from train.config import OptimSection
 from train.distributed import setup
@@ -36,7 +39,7 @@ def batch(vocab: int):
 
 
 def loss_and_grads(model, b):
-    logps, _ = batch_sequence_log_probs(model, b, attention_mask(b, None, use_flex=False))
+    logps, _ = batch_sequence_log_probs(model, b, attention_mask(b, None, attention="dense"))
     logps.sum().backward()
     grads = {}
     for name, p in model.named_parameters():
@@ -46,12 +49,18 @@ def loss_and_grads(model, b):
     return logps.detach(), grads
 
 
+@pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("activation_checkpointing", [False, True])
-def test_sharded_model_matches_plain(env, activation_checkpointing):
-    config = tiny_config(tie_word_embeddings=True)
+def test_sharded_model_matches_plain(env, activation_checkpointing, tied):
+    """Built as training builds it: sharded on the meta device, then materialized and drawn."""
+    config = tiny_config(tie_word_embeddings=tied)
     plain = build_model(config, seed=0)
-    sharded = parallelize(build_model(config, seed=0), env.mesh, mixed_precision=False,
-                          activation_checkpointing=activation_checkpointing)
+    sharded = ModelSource(config, None, None, 0).build(
+        env.device, shard=lambda meta_model: parallelize(
+            meta_model, env.mesh, mixed_precision=False,
+            activation_checkpointing=activation_checkpointing))
+    gathered = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True))
+    assert all(torch.equal(gathered[name], t) for name, t in plain.state_dict().items())
     # Checkpoints and exports see the plain names (the wrapper's prefix is stripped).
     assert sharded.state_dict().keys() == plain.state_dict().keys()
     assert get_model_state_dict(sharded).keys() == plain.state_dict().keys()
@@ -64,6 +73,35 @@ def test_sharded_model_matches_plain(env, activation_checkpointing):
         assert (actual_grad - grad).abs().max() <= 1e-5, name
 
 
+def reshards_after_forward(module) -> bool:
+    # FSDP2 keeps no mesh to reshard to after forward when the gathered weights are kept.
+    return all(group.post_forward_mesh_info is not None
+               for group in module._get_fsdp_state()._fsdp_param_groups)
+
+
+def test_units(env):
+    """The embedding, each layer, and the final norm with the head are FSDP units, besides
+    the root (untied); on one rank no unit frees its weights after forward, since backward
+    would gather them again with nothing saved. Tied, the embedding and the head share the
+    root, the one unit that gathers their common weight."""
+    model = parallelize(build_model(tiny_config(), seed=0), env.mesh, mixed_precision=False)
+    units = [model.embed_tokens, *model.layers, model.norm, model.lm_head]
+    assert all(isinstance(m, FSDPModule) for m in [model, *units])
+    assert model.norm._get_fsdp_state() is model.lm_head._get_fsdp_state()
+    assert len({id(m._get_fsdp_state()) for m in units}) == len(model.layers) + 2
+    assert not any(reshards_after_forward(m) for m in units)
+    frozen = parallelize(build_model(tiny_config(), seed=0), env.mesh, mixed_precision=False,
+                         reshard_after_forward=True)
+    assert all(reshards_after_forward(m) for m in [frozen.embed_tokens, *frozen.layers])
+    assert not reshards_after_forward(frozen.lm_head)  # backward would start with it
+
+    tied = parallelize(build_model(tiny_config(tie_word_embeddings=True), seed=0), env.mesh,
+                       mixed_precision=False)
+    assert not any(isinstance(m, FSDPModule) for m in (tied.embed_tokens, tied.norm,
+                                                         tied.lm_head))
+    assert tied.lm_head.weight is tied.embed_tokens.weight
+
+
 def test_no_grad_pass_leaves_sharded_parameters_registered(env):
     """After a forward without backward (scoring), `reshard` puts the sharded parameters back,
     so an optimizer sees the tensors it must update."""
@@ -71,7 +109,7 @@ def test_no_grad_pass_leaves_sharded_parameters_registered(env):
     before = [id(p) for p in sharded.parameters()]
     b = batch(sharded.config.vocab_size)
     with torch.no_grad():
-        batch_sequence_log_probs(sharded, b, attention_mask(b, None, use_flex=False))
+        batch_sequence_log_probs(sharded, b, attention_mask(b, None, attention="dense"))
     reshard(sharded)
     assert [id(p) for p in sharded.parameters()] == before
 
