@@ -7,18 +7,22 @@ permutation is needed because RoPE here is the rotate-half form transformers use
 Prefix sharing needs three things from the model, all explicit inputs of `forward`:
 - `positions`: RoPE is indexed by these, not by the index in the row, so every completion
   restarts at the prompt length;
-- an attention mask built by `model.masks` (a FlexAttention `BlockMask` or a dense bool mask);
+- an attention mask built by `model.masks`, whose type picks the executor: a FlexAttention
+  `BlockMask`, a dense bool mask for SDPA, or a `DocumentMask` (SDPA per document);
 - the flat indexes of the hidden states that predict each target token, so log-probs are
   computed only where they are needed (see `kernels.linear_log_probs`).
 
 Nothing here knows about FSDP, activation checkpointing or compilation: `train.parallelize`
 applies those from outside. The module is built on the meta device and initialized in one
-place, `init_weights`. It has no buffers: RoPE frequencies are derived from the config.
+place, `initial_weights`, which draws each parameter's full value in turn, so a model whose
+parameters are split over ranks keeps the same weights. It has no buffers: RoPE frequencies
+are derived from the config.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +31,8 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from kernels import linear_log_probs
 from model.config import ModelConfig
-from model.masks import AttentionMask
+from model.attention import document_attention, flex_kernel_options
+from model.masks import AttentionMask, DocumentMask
 
 
 # FlexAttention must be compiled to run as a fused kernel on CUDA; inside an already compiled
@@ -101,6 +106,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=False)
+        # FlexAttention's kernel_options (which backend), set from outside by
+        # `set_flex_backend`; None leaves the choice to torch.
+        self.flex_kernel_options: dict[str, str] | None = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttentionMask) -> Tensor:
         batch, seq_len, _ = x.shape
@@ -110,11 +118,24 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if isinstance(mask, BlockMask):
             flex = compiled_flex_attention if q.is_cuda else flex_attention
-            out = flex(q, k, v, block_mask=mask, enable_gqa=True)
+            out = flex(q, k, v, block_mask=mask, enable_gqa=True,
+                       kernel_options=self.flex_kernel_options)
+        elif isinstance(mask, DocumentMask):
+            out = document_attention(q, k, v, mask)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         out = out.transpose(1, 2).reshape(batch, seq_len, self.num_heads * self.head_dim)
         return self.o_proj(out)
+
+
+def set_flex_backend(model: nn.Module, backend: str) -> None:
+    """Run FlexAttention in every attention layer of `model` on `backend` ("triton" or
+    "flash", see `model.attention`); a ValueError if it cannot run here. Call it before
+    compiling: compiled code keeps the options it was traced with."""
+    options = flex_kernel_options(backend)
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.flex_kernel_options = options
 
 
 class MLP(nn.Module):
@@ -141,6 +162,21 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+class LMHead(nn.Module):
+    """The output projection `weight [vocab, hidden]` (Hugging Face's `lm_head`), applied only
+    where there are targets: the chunked kernel returns each target's float32 log-prob without
+    `[tokens, vocab]` logits ever existing whole. The projection runs in this module's own
+    forward so that a wrapper that gathers a module's weights for its forward covers it."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(config.vocab_size, config.hidden_size))
+
+    def forward(self, hidden: Tensor, target_ids: Tensor) -> Tensor:
+        """hidden `[T, D]`, target_ids `[T]` -> log-probs `[T]` float32."""
+        return linear_log_probs(hidden, self.weight, target_ids)
+
+
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -148,7 +184,7 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = LMHead(config)
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -157,22 +193,35 @@ class Transformer(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def init_weights(self, generator: torch.Generator | None = None) -> None:
-        """Random initialization, transformers' scheme: N(0, initializer_range), norms at one."""
+    def initial_weights(self, generator: torch.Generator | None = None
+                        ) -> Iterator[tuple[nn.Parameter, Tensor]]:
+        """Random initialization, transformers' scheme: N(0, initializer_range) for the
+        embedding and the projections, norms at one. Yields each parameter with its full
+        float32 value, drawn on the generator's device (the parameter's without one), one at a
+        time and in module order, so that whoever stores only part of a parameter gets the
+        same numbers. With tied embeddings the head's draw comes after, and replaces, the
+        embedding's: the order this scheme has always had, so a seed keeps its weights."""
         std = self.config.initializer_range
-        with torch.no_grad():
-            for module in self.modules():
-                if isinstance(module, (nn.Linear, nn.Embedding)):
-                    module.weight.normal_(0.0, std, generator=generator)
-                elif isinstance(module, RMSNorm):
-                    module.weight.fill_(1.0)
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding, LMHead)):
+                weight = module.weight
+                device = weight.device if generator is None else generator.device
+                value = torch.empty(weight.shape, device=device)
+                yield weight, value.normal_(0.0, std, generator=generator)
+            elif isinstance(module, RMSNorm):
+                yield module.weight, torch.ones(module.weight.shape, device=module.weight.device)
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Random initialization of a materialized model (see `initial_weights`)."""
+        for param, value in self.initial_weights(generator):
+            param.copy_(value)
 
     def forward(self, input_ids: Tensor, positions: Tensor, mask: AttentionMask,
                 target_index: Tensor | None = None, target_ids: Tensor | None = None) -> Tensor:
         """Hidden states `[B, L, D]` after the final norm; or, given targets, the float32
         log-prob `[T]` of each `target_ids[t]` predicted by the hidden state at flat index
-        `target_index[t]` of the `[B * L]` grid. The head runs here, inside forward, so that a
-        sharded wrapper has its weight gathered."""
+        `target_index[t]` of the `[B * L]` grid, computed by the head module (`LMHead`)."""
         h = self.embed_tokens(input_ids)
         inv_freq = rope_inverse_frequencies(self.config, device=positions.device)
         cos, sin = rope_cos_sin(positions, inv_freq, h.dtype)
@@ -181,21 +230,23 @@ class Transformer(nn.Module):
         h = self.norm(h)
         if target_index is None:
             return h
-        return linear_log_probs(h.flatten(0, 1)[target_index], self.lm_head.weight, target_ids)
+        return self.lm_head(h.flatten(0, 1)[target_index], target_ids)
 
     def logits(self, hidden: Tensor) -> Tensor:
-        """Full logits from hidden states; for tests and small models only."""
-        return self.lm_head(hidden)
+        """Full logits from hidden states; for tests and small unsharded models only."""
+        return F.linear(hidden, self.lm_head.weight)
 
 
 def build_model(config: ModelConfig, device: torch.device | str = "cpu",
                 dtype: torch.dtype = torch.float32, seed: int | None = None) -> Transformer:
-    """Build on the meta device and materialize on `device`. With a seed the weights are
-    randomly initialized (the same on every rank); without, they are left for a loader."""
+    """Build on the meta device and materialize on `device` in `dtype`, whole. With a seed
+    the weights are randomly initialized (drawn in float32, then stored in `dtype`: the same
+    on every rank); without, they are left for a loader. `train.build.ModelSource` builds the
+    sharded equivalent."""
     with torch.device("meta"):
-        model = Transformer(config)
+        model = Transformer(config).to(dtype)
     model.to_empty(device=device)
     model.tie_weights()
     if seed is not None:
         model.init_weights(torch.Generator(device=device).manual_seed(seed))
-    return model.to(dtype)
+    return model

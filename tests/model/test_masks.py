@@ -91,7 +91,7 @@ def test_sliding_window_uses_positions():
 
 def test_every_query_sees_itself():
     # No fully masked query row, so dense attention never produces NaN on padding.
-    full = build_attention_mask(DOCS, SEGS, POS, sliding_window=1, use_flex=False)
+    full = build_attention_mask(DOCS, SEGS, POS, sliding_window=1, executor="dense")
     assert full[0, 0].diagonal().all()
 
 

@@ -14,12 +14,12 @@ from model.transformer import build_model
 P, C1, C2 = 7, 5, 9  # prompt, chosen, rejected lengths
 
 
-def run(model, rows: list[tuple[list[int], list[int], list[int], list[int]]], use_flex=False):
+def run(model, rows: list[tuple[list[int], list[int], list[int], list[int]]], attention="dense"):
     """rows: (tokens, positions, segment_ids, document_ids) per row, padded to one length."""
     tensors = [torch.tensor([r[i] for r in rows]) for i in range(4)]
     tokens, positions, segments, documents = tensors
     mask = build_attention_mask(documents, segments, positions, model.config.sliding_window,
-                                use_flex=use_flex)
+                                executor=attention)
     return model(tokens, positions, mask)
 
 
@@ -101,10 +101,13 @@ def test_gradients_equal_unshared(model):
 
 
 def test_flex_attention_forward_equals_dense(model):
+    """The model on a BlockMask (on CPU: eager FlexAttention, which evaluates the mask on every
+    pair and so ignores the block structure; tests/model/test_flex_compiled.py checks that with
+    compiled FlexAttention)."""
     prompt, chosen, rejected = sample_group(model.config.vocab_size)
     rows = [shared_row(prompt, chosen, rejected, pad_to=128, other=[9, 8, 7]),
             shared_row(prompt, chosen, rejected, pad_to=128)]
     with torch.no_grad():
-        dense = run(model, rows, use_flex=False)
-        flex = run(model, rows, use_flex=True)
+        dense = run(model, rows, attention="dense")
+        flex = run(model, rows, attention="flex")
     assert (dense - flex).abs().max() <= 1e-5
