@@ -34,7 +34,7 @@ from data.layout import Numbering
 from data.loader import fit_examples
 from data.tokenizer import load_tokenizer
 from model.hf_checkpoint import load_model, resolve_model_dir
-from train.scoring import score_sequences
+from train.scoring import attention_executor, score_sequences
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     logps, counts = score_sequences(model, examples, layout=args.layout,
                                     packing_length=report.packing_length,
                                     micro_batch_size=args.batch_size, device=device,
-                                    use_flex=device.type == "cuda")
+                                    attention=attention_executor("auto", device))
     records = pair_records(examples, logps.tolist(), counts.tolist())
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w") as f:

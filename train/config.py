@@ -25,6 +25,8 @@ REFERENCE_MODES = ("precomputed", "live", "none")
 SCHEDULES = ("cosine", "linear", "constant")
 NONFINITE_POLICIES = ("stop", "skip")
 DEVICES = ("auto", "cpu", "cuda")
+ATTENTION_EXECUTORS = ("auto", "flex", "documents", "dense")
+FLEX_BACKENDS = ("triton", "flash")
 
 
 @dataclass(frozen=True)
@@ -82,12 +84,18 @@ class TrainSection:
     device: str = "auto"             # auto = cuda when available
     activation_checkpointing: bool = False
     compile: bool = True             # torch.compile each block (CUDA only)
+    # auto = flex on CUDA, documents elsewhere | flex (FlexAttention, CUDA) | documents (SDPA
+    # per document: cost follows the documents) | dense (SDPA over whole rows: the oracle)
+    attention: str = "auto"
+    flex_backend: str = "triton"     # FlexAttention kernels: triton | flash (FlashAttention-4)
     eval_every: int = 0              # steps; 0 = at the end only (when there is eval data)
     nonfinite: str = "stop"          # a NaN/inf loss: stop (keeping the last checkpoint) | skip
 
     def __post_init__(self) -> None:
         _check_choice("train.device", self.device, DEVICES)
         _check_choice("train.nonfinite", self.nonfinite, NONFINITE_POLICIES)
+        _check_choice("train.attention", self.attention, ATTENTION_EXECUTORS)
+        _check_choice("train.flex_backend", self.flex_backend, FLEX_BACKENDS)
         for name in ("steps", "log_every", "micro_batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1")

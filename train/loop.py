@@ -15,21 +15,20 @@ import logging
 import math
 import signal
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from data.layout import Batch
-from data.loader import PreferenceLoader
+from data.loader import PreferenceLoader, StepBatches
 from model.hf_checkpoint import save_hf_checkpoint
+from model.transformer import set_flex_backend
 from data.dataset import chat_template_override
 from train.build import ModelSource, load_run_data, tokenizer_for
 from train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from train.config import Config, to_toml
-from train.distributed import Distributed, all_reduce_sum, broadcast_text, setup, teardown
+from train.distributed import Distributed, broadcast_text, setup, teardown
 from train.forward import pair_losses
 from train.losses import LossConfig, LossState
 from train.metrics import MetricsLogger, forward_flops, peak_flops, peak_memory_gib
@@ -38,7 +37,7 @@ from train.parallelize import freeze, parallelize, reshard
 from train.reference import (LiveReference, Reference, TableReference, cache_key,
                              default_cache_dir, model_fingerprint, no_reference,
                              reference_log_probs)
-from train.scoring import row_multiple
+from train.scoring import attention_executor, row_multiple
 
 # Per-pair metrics, summed over the step's pairs and divided by their number when logged.
 PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -75,83 +74,117 @@ class StepResult:
     stop_requested: bool
 
 
-def train_step(model: torch.nn.Module, batches: Sequence[Batch], *, reference: Reference,
+def train_step(model: torch.nn.Module, batches: StepBatches, *, reference: Reference,
                loss_config: LossConfig, loss_state: LossState, optimizer: torch.optim.Optimizer,
-               max_grad_norm: float, env: Distributed, use_flex: bool,
+               max_grad_norm: float, env: Distributed, attention: str,
                stop_requested: bool = False) -> tuple[StepResult, LossState]:
     """Forward and backward over this rank's micro-batches, then one optimizer update (skipped
-    when the loss or the gradient is not finite)."""
+    when the loss or the gradient is not finite).
+
+    The step's pair count, which the loss is divided by, comes with `batches` (counted on the
+    host from the loader's plan), so the micro-batches are queued on the device without a
+    collective or a host read. After the last backward the step synchronizes once: one
+    all-reduce of the loss and metric sums with every rank's stop request, and one read of
+    them together with the gradient norm."""
+    if not isinstance(batches, StepBatches):
+        raise TypeError("train_step takes the loader's StepBatches (for micro-batches of a "
+                        "single process: StepBatches.single_process(batches))")
     device = env.device
-    local_pairs = sum(b.num_pairs for b in batches)
-    local_tokens = sum(b.num_tokens for b in batches)
-    num_pairs, num_tokens, stops = all_reduce_sum(
-        [local_pairs, local_tokens, float(stop_requested)], device)
-    scale = env.world_size / max(num_pairs, 1.0)
+    scale = env.world_size / max(batches.num_pairs, 1)
+    loss_state = _loss_state_on(loss_state, device)
+    # [loss, *PAIR_METRICS], summed over micro-batches.
     sums = torch.zeros(1 + len(PAIR_METRICS), dtype=torch.float64, device=device)
     # Gradients are reduce-scattered after every micro-batch (FSDP's default): deferring it
     # would keep a whole unsharded float32 gradient on every rank between micro-batches.
     for batch in batches:
         batch = batch.to(device, non_blocking=True)
         losses, metrics, loss_state = pair_losses(model, batch, reference, loss_config,
-                                                  loss_state, use_flex)
+                                                  loss_state, attention)
         (losses.sum() * scale).backward()
         sums += torch.stack([losses.detach().sum().double()]
                             + [metrics[name].detach().sum().double() for name in PAIR_METRICS])
+    # Then the stop request, summed over ranks with them. `full` fills on the device; a tensor
+    # made from a Python number would be a blocking copy.
+    sums = torch.cat([sums, torch.full((1,), float(stop_requested), dtype=sums.dtype,
+                                       device=device)])
     if env.world_size > 1:
         torch.distributed.all_reduce(sums)
         if "bco_pair" in loss_config.type:
             loss_state = _average_over_ranks(loss_state, device)
-    totals = (sums / max(num_pairs, 1.0)).tolist()
+    grad_norm = _clip_grad_norm(model, max_grad_norm, device)
+    *totals, stops, grad_norm = torch.cat([sums, grad_norm.reshape(1).double()]).tolist()
+    totals = [total / max(batches.num_pairs, 1) for total in totals]
     loss = totals[0]
-    grad_norm = _clip_grad_norm(model, max_grad_norm)
     finite = math.isfinite(loss) and math.isfinite(grad_norm)
     if finite:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     metrics = dict(zip(PAIR_METRICS, totals[1:]))
     metrics["grad_norm"] = grad_norm
-    return StepResult(loss, metrics, int(num_pairs), int(num_tokens), finite,
+    return StepResult(loss, metrics, batches.num_pairs, batches.num_tokens, finite,
                       stops > 0), loss_state
+
+
+def _loss_state_on(state: LossState, device: torch.device) -> LossState:
+    """The state with its running mean on `device`, so bco_pair never copies it there inside
+    a micro-batch (a blocking copy: a host sync). The copy is asynchronous: the host tensor is
+    never written again."""
+    if state.reward_mean.device == device:
+        return state
+    return LossState(state.reward_mean.to(device, non_blocking=True), state.num_updates)
 
 
 def _average_over_ranks(state: LossState, device: torch.device) -> LossState:
     """bco_pair's running mean, made the same on every rank after each step (each rank updates
     it from its own micro-batches), so the one saved with a checkpoint is every rank's: the
-    update-weighted mean of the ranks' means, and the largest update count."""
+    update-weighted mean of the ranks' means, and the largest update count. Runs after the
+    step's backward passes; the mean stays on the device."""
     n = float(state.num_updates)
-    weighted, total = all_reduce_sum([float(state.reward_mean) * n, n], device)
-    count = torch.tensor([state.num_updates], device=device)
+    parts = torch.stack([state.reward_mean.to(device, torch.float64) * n,
+                         torch.full((), n, dtype=torch.float64, device=device)])
+    torch.distributed.all_reduce(parts)
+    weighted, total = parts.unbind()
+    mean = torch.where(total > 0, weighted / total.clamp(min=1.0), 0.0).float()
+    count = torch.full((1,), state.num_updates, dtype=torch.int64, device=device)
     torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
-    mean = weighted / total if total else 0.0
-    return LossState(torch.tensor(mean, dtype=torch.float32), int(count.item()))
+    return LossState(mean, int(count.item()))
 
 
-def _clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
+def _clip_grad_norm(model: torch.nn.Module, max_norm: float, device: torch.device
+                    ) -> torch.Tensor:
+    """Clip the gradients to `max_norm` (not when <= 0) and return their total norm before
+    clipping: a 0-dim tensor on `device`, for the caller to read with the step's other values."""
     params = [p for p in model.parameters() if p.grad is not None]
     if not params:
-        return 0.0
+        return torch.zeros((), device=device)
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf,
                                           foreach=True)
     if hasattr(norm, "full_tensor"):  # a DTensor under FSDP
         norm = norm.full_tensor()
-    return float(norm)
+    return norm
 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: PreferenceLoader, *, reference: Reference,
              loss_config: LossConfig, loss_state: LossState, env: Distributed,
-             use_flex: bool) -> dict[str, float]:
-    """Loss and reward metrics over the held-out examples (each once, sharded by rank)."""
-    sums = torch.zeros(2 + len(PAIR_METRICS), dtype=torch.float64, device=env.device)
+             attention: str) -> dict[str, float]:
+    """Loss and reward metrics over the held-out examples (each once, sharded by rank). The
+    batches are queued without host reads; the sums are read once, at the end."""
+    loss_state = _loss_state_on(loss_state, env.device)
+    # [loss, *PAIR_METRICS]; the pair count is a host int, joined to them after the loop.
+    sums = torch.zeros(1 + len(PAIR_METRICS), dtype=torch.float64, device=env.device)
+    num_pairs = 0
     for batch in loader.one_pass():
+        num_pairs += batch.num_pairs
         batch = batch.to(env.device, non_blocking=True)
         # The loss state is read, not advanced: evaluation does not move bco_pair's mean.
         losses, metrics, _ = pair_losses(model, batch, reference, loss_config, loss_state,
-                                         use_flex)
-        sums += torch.stack([torch.tensor(float(batch.num_pairs), device=env.device,
-                                          dtype=torch.float64), losses.sum().double()]
+                                         attention)
+        sums += torch.stack([losses.sum().double()]
                             + [metrics[name].sum().double() for name in PAIR_METRICS])
     reshard(model)
+    sums = torch.cat([torch.full((1,), float(num_pairs), dtype=sums.dtype, device=env.device),
+                      sums])
     if env.world_size > 1:
         torch.distributed.all_reduce(sums)
     count, *values = sums.tolist()
@@ -191,7 +224,8 @@ def train(config: Config) -> Path:
 
 def _train(config: Config, env: Distributed) -> Path:
     cfg_train, device = config.train, env.device
-    use_flex = device.type == "cuda"
+    cuda = device.type == "cuda"
+    attention = attention_executor(cfg_train.attention, device)
     output_dir = Path(cfg_train.output_dir)
     if env.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -208,25 +242,28 @@ def _train(config: Config, env: Distributed) -> Path:
     data = load_run_data(config.data, tokenizer, cfg_train.seed, progress=env.is_main)
     log(data.summary())
 
-    # The initial model, sharded. Parameters are float32; CUDA computes in bfloat16.
-    model = source.build(device)
-    model = parallelize(model, env.mesh, mixed_precision=use_flex,
-                        activation_checkpointing=cfg_train.activation_checkpointing,
-                        compile=cfg_train.compile and use_flex)
+    # The initial model, sharded while still on the meta device: each rank then allocates, and
+    # reads or draws, only its own shards. Parameters are float32; CUDA computes in bfloat16.
+    model = source.build(device, shard=lambda meta_model: parallelize(
+        meta_model, env.mesh, mixed_precision=cuda,
+        activation_checkpointing=cfg_train.activation_checkpointing,
+        compile=cfg_train.compile and cuda))
+    if attention == "flex":
+        set_flex_backend(model, cfg_train.flex_backend)  # before the first (compiling) call
     log(f"model: {source.config.architecture}, {source.config.num_params / 1e6:.1f}M parameters")
 
     # The reference, while the model still holds its initial weights.
-    reference, eval_reference = _reference(config, source, model, data, env, use_flex, log)
+    reference, eval_reference = _reference(config, source, model, data, env, attention, log)
 
     optimizer = build_optimizer(model, config.optim, device)
     loader = PreferenceLoader(data.train, config.data.layout, cfg_train.micro_batch_size,
                               cfg_train.grad_accum, env.world_size, env.rank, cfg_train.seed,
-                              data.fit.packing_length, row_multiple(use_flex),
-                              pin_memory=use_flex)
+                              data.fit.packing_length, row_multiple(attention),
+                              pin_memory=cuda)
     eval_loader = PreferenceLoader(data.eval, config.data.layout, cfg_train.micro_batch_size,
                                    world_size=env.world_size, rank=env.rank, shuffle=False,
                                    packing_length=data.fit.packing_length,
-                                   pad_multiple=row_multiple(use_flex)) if data.eval else None
+                                   pad_multiple=row_multiple(attention)) if data.eval else None
 
     state = TrainState()
     checkpoints = list_checkpoints(output_dir) if config.checkpoint.resume else []
@@ -247,7 +284,7 @@ def _train(config: Config, env: Distributed) -> Path:
             logger.log(state.step, evaluate(model, eval_loader, reference=eval_reference,
                                             loss_config=config.loss,
                                             loss_state=state.loss_state, env=env,
-                                            use_flex=use_flex), prefix="eval ")
+                                            attention=attention), prefix="eval ")
 
     logger = MetricsLogger(output_dir, cfg_train.steps, state.step, env.is_main)
     log = logger.print  # above the progress bar from now on
@@ -265,7 +302,7 @@ def _train(config: Config, env: Distributed) -> Path:
                 result, loss_state = train_step(
                     model, batches, reference=reference, loss_config=config.loss,
                     loss_state=state.loss_state, optimizer=optimizer,
-                    max_grad_norm=config.optim.max_grad_norm, env=env, use_flex=use_flex,
+                    max_grad_norm=config.optim.max_grad_norm, env=env, attention=attention,
                     stop_requested=stop.requested)
             except torch.OutOfMemoryError:
                 raise ValueError(
@@ -324,14 +361,21 @@ def _train(config: Config, env: Distributed) -> Path:
 
 
 def _reference(config: Config, source: ModelSource, model: torch.nn.Module, data, env,
-               use_flex: bool, log) -> tuple[Reference, Reference]:
+               attention: str, log) -> tuple[Reference, Reference]:
     mode = config.reference.mode
     if mode == "none":
         return no_reference, no_reference
     if mode == "live":
-        dtype = torch.bfloat16 if use_flex else torch.float32
-        frozen = parallelize(freeze(source.build(env.device, dtype)), env.mesh,
-                             mixed_precision=False, compile=config.train.compile and use_flex)
+        # A second copy of the initial weights, built as the policy was (sharded on the meta
+        # device, then only this rank's shards read or drawn) and stored in the compute
+        # dtype. Without a backward, each unit's weights are freed right after its forward.
+        dtype = torch.bfloat16 if env.device.type == "cuda" else torch.float32
+        frozen = source.build(env.device, dtype, shard=lambda meta_model: parallelize(
+            freeze(meta_model), env.mesh, mixed_precision=False,
+            compile=config.train.compile and env.device.type == "cuda",
+            reshard_after_forward=True))
+        if attention == "flex":
+            set_flex_backend(frozen, config.train.flex_backend)
         live = LiveReference(frozen)
         return live, live
     cache_dir = Path(config.reference.cache_dir) if config.reference.cache_dir \
@@ -340,7 +384,7 @@ def _reference(config: Config, source: ModelSource, model: torch.nn.Module, data
     model_id = broadcast_text(
         model_fingerprint(source.checkpoint_dir, source.config_path, source.seed, env.device,
                           cache_dir) if env.is_main else "", env.device)
-    dtype = "bfloat16" if use_flex else "float32"
+    dtype = "bfloat16" if env.device.type == "cuda" else "float32"
     tables = []
     for name, examples in (("train", data.train), ("eval", data.eval)):
         if not examples:
@@ -351,7 +395,7 @@ def _reference(config: Config, source: ModelSource, model: torch.nn.Module, data
             run_dir=Path(config.train.output_dir), cache_dir=cache_dir, name=name,
             micro_batch_size=config.train.micro_batch_size,
             packing_length=data.fit.packing_length or "auto", device=env.device,
-            use_flex=use_flex, rank=env.rank, world_size=env.world_size, log=log)
+            attention=attention, rank=env.rank, world_size=env.world_size, log=log)
         tables.append(TableReference(table))
     return tables[0], tables[1]
 

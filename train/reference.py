@@ -118,7 +118,7 @@ def write_table(path: Path, key: str, table: torch.Tensor) -> None:
 
 def reference_log_probs(model: torch.nn.Module, examples: Sequence[Example], *, key: str,
                         run_dir: Path, cache_dir: Path, name: str, micro_batch_size: int,
-                        packing_length: int | str, device: torch.device, use_flex: bool,
+                        packing_length: int | str, device: torch.device, attention: str,
                         rank: int, world_size: int, log=print) -> torch.Tensor:
     """Float32 `[num_sequences]` reference log-probs of `examples` on `device`.
 
@@ -149,7 +149,7 @@ def reference_log_probs(model: torch.nn.Module, examples: Sequence[Example], *, 
     logps, _ = score_sequences(model, fitted, layout="shared+packed",
                                packing_length=report.packing_length,
                                micro_batch_size=micro_batch_size, device=device,
-                               use_flex=use_flex, rank=rank, world_size=world_size,
+                               attention=attention, rank=rank, world_size=world_size,
                                progress=rank == 0)
     table = logps.float()
     if rank == 0:

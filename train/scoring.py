@@ -20,16 +20,27 @@ from train.forward import attention_mask, batch_sequence_log_probs
 from train.parallelize import reshard
 
 
-def row_multiple(use_flex: bool) -> int:
-    """Unpacked rows are padded to a multiple of this: FlexAttention's block size on CUDA
-    (fewer distinct shapes to compile), a small multiple on CPU."""
-    return 128 if use_flex else 8
+def attention_executor(choice: str, device: torch.device) -> str:
+    """The attention executor for `train.attention` on `device`: "auto" is FlexAttention on
+    CUDA and the per-document SDPA executor elsewhere. FlexAttention has no backward on CPU."""
+    if choice == "auto":
+        return "flex" if device.type == "cuda" else "documents"
+    if choice == "flex" and device.type != "cuda":
+        raise ValueError("train.attention = 'flex' needs a CUDA device (FlexAttention has no "
+                         "backward on CPU); use 'documents' or 'dense'")
+    return choice
+
+
+def row_multiple(attention: str) -> int:
+    """Unpacked rows are padded to a multiple of this: FlexAttention's block size (fewer
+    distinct shapes to compile), a small multiple for the other executors."""
+    return 128 if attention == "flex" else 8
 
 
 @torch.no_grad()
 def score_sequences(model: torch.nn.Module, examples: Sequence[Example], *, layout: str,
                     packing_length: int, micro_batch_size: int, device: torch.device,
-                    use_flex: bool, rank: int = 0, world_size: int = 1,
+                    attention: str, rank: int = 0, world_size: int = 1,
                     progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(log-prob sums float64 `[num_sequences]`, token counts int64 `[num_sequences]`).
     In unpacked layouts a micro-batch grows to the rows of the largest example if needed."""
@@ -38,7 +49,7 @@ def score_sequences(model: torch.nn.Module, examples: Sequence[Example], *, layo
             len(document_lengths(e, is_shared(layout))) for e in examples))
     loader = PreferenceLoader(examples, layout, micro_batch_size, world_size=world_size,
                               rank=rank, packing_length=packing_length, shuffle=False,
-                              pad_multiple=row_multiple(use_flex),
+                              pad_multiple=row_multiple(attention),
                               pin_memory=device.type == "cuda")
     num_sequences = Numbering(examples).num_sequences
     logps = torch.zeros(num_sequences, dtype=torch.float64, device=device)
@@ -49,7 +60,7 @@ def score_sequences(model: torch.nn.Module, examples: Sequence[Example], *, layo
                       disable=not progress, dynamic_ncols=True):
         batch = batch.to(device, non_blocking=True)
         sums, num_tokens = batch_sequence_log_probs(
-            model, batch, attention_mask(batch, sliding_window, use_flex))
+            model, batch, attention_mask(batch, sliding_window, attention))
         logps.index_add_(0, batch.sequence_ids, sums.double())
         counts.index_add_(0, batch.sequence_ids, num_tokens)
     reshard(model)

@@ -154,7 +154,7 @@ def test_export_loads_in_transformers(run_config, tmp_path):
     positions = torch.arange(40).expand(2, 40)
     zeros = torch.zeros_like(ids)
     with torch.no_grad():
-        mask = build_attention_mask(zeros, zeros, positions, None, use_flex=False)
+        mask = build_attention_mask(zeros, zeros, positions, None, executor="dense")
         assert (ours.logits(ours(ids, positions, mask)) - theirs(ids).logits).abs().max() < 1e-5
     # The export holds the trained weights: the same as the final DCP checkpoint's.
     converted = tmp_path / "converted"
