@@ -1,9 +1,11 @@
 """Throughput of full DPO training steps in the four layouts, measured in one run.
 
     python benchmarks/throughput.py [--quick] [--model tiny|llama-3.2-1b|llama-3.1-8b|
-        mistral-7b|CONFIG.json] [--dataset hh-rlhf|capybara|... | --data FILE... --tokenizer DIR]
-        [--layouts paired,paired+packed,shared,shared+packed] [--pairs N]
-        [--tokens-per-micro-batch T] [--packing-length auto|L] [--reference precomputed|live]
+        mistral-7b|CONFIG.json] [--dataset hh-rlhf|capybara|...[,...]|all
+        | --data FILE... --tokenizer DIR] [--layouts paired,paired+packed,shared,shared+packed]
+        [--pairs N] [--paired-tokens N] [--tokens-per-micro-batch T] [--packing-length auto|L]
+        [--reference precomputed|live] [--activation-checkpointing]
+        [--compile-mode default|max-autotune-no-cudagraphs] [--block-size B]
         [--json OUT] [--profile]
 
 What is timed: for each layout, one pass over the same examples, each step a full
@@ -40,7 +42,22 @@ length ratio of one of the six datasets of Wang & Hegde (2024), Table 1. Synthet
 prompt, chosen and rejected lengths are drawn independently from lognormals with sigma
 `--spread` (default 0.5) and medians m * r / (1 + r) and m / (1 + r), all scaled so that the
 sample median of prompt + chosen is exactly m, then clipped to [1, 4 x their median]; token ids
-are uniform. The measured medians are printed beside the targets.
+are uniform. The measured medians are printed beside the targets. `--dataset` takes several
+profiles (comma-separated, or `all`): each is measured in turn exactly as if run alone, then a
+summary table gives each profile's ratios beside its token-ratio ceiling and the paper's
+speed-ups; `--json` then holds `{"environment", "args", "datasets": {profile: report},
+"summary"}` and is rewritten after each profile, so an interrupted run keeps what it measured.
+`--paired-tokens N` draws, per profile, as many pairs as hold about N tokens in the paired
+layout (the first pairs of a larger draw), so short and long profiles take similar time.
+
+Speed knobs, each compared by running the same command with and without it:
+- `--activation-checkpointing`: recompute each decoder layer in backward (as the 1B recipe does);
+- `--compile-mode max-autotune-no-cudagraphs`: the inductor options of that `torch.compile`
+  mode (`torch._inductor.list_mode_options`), applied while a layout is measured to everything
+  compiled in its steps: decoder layers, FlexAttention, the BlockMask and the log-prob kernel;
+- `--block-size B`: FlexAttention's block size (a power of two from 16 to 128), passed to the
+  training step as `flex_block_size`; refused as not supported yet while `train_step` takes no
+  such argument (the BlockMask is then built at the default size, 128).
 
 Reported per layout: pairs/s, non-padding tokens/s, padding fraction, MFU (CUDA: useful FLOPs
 from `train.metrics.forward_flops`, x3 for forward + backward, +1 forward for a live reference,
@@ -49,10 +66,10 @@ CPU: the process's peak RSS, never reset), time blocked waiting for the loader, 
 after warm-up (torch._dynamo counters: 0 means no recompilation), and the ratio of pairs/s to
 `paired` and to `paired+packed`. Also the token-ratio ceiling of the data: tokens of the paired
 layouts / tokens of the shared ones. Absolute figures mean something only on a GPU; the ratios
-are what to compare, and on CPU even they are skewed: the dense mask makes attention cost L x L
-per row whatever the mask allows (packed rows pay for every masked-out pair), and a tiny model's
-time goes mostly to its vocabulary head, whose work (one row per completion token) is the same
-in every layout. `--profile` prints a torch.profiler table of one extra (untimed) step per
+are what to compare. On CPU the default attention executor is `documents` (SDPA per document,
+cost = sum of squared document lengths); `--attention dense` shows the whole-row `L x L` mask
+instead, which makes packed rows pay for every masked-out pair. A tiny model's time goes mostly
+to its vocabulary head, whose work (one row per completion token) is the same in every layout. `--profile` prints a torch.profiler table of one extra (untimed) step per
 layout.
 
 The script is longer than the project's usual ~500 lines because it is one runnable file: the
@@ -62,9 +79,11 @@ synthetic profiles, the like-for-like batching, the timing loop and the report.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import gc
+import inspect
 import json
 import logging
 import math
@@ -88,11 +107,12 @@ from data.dataset import load_preference_data  # noqa: E402
 from data.example import Example, Group  # noqa: E402
 from data.layout import (Batch, Numbering, collate, document_lengths, is_packed,  # noqa: E402
                          is_shared)
-from data.loader import PreferenceLoader, example_length, fit_examples  # noqa: E402
+from data.loader import (PreferenceLoader, StepBatches, example_length,  # noqa: E402
+                         fit_examples)
 from data.packing import auto_packing_length, round_up  # noqa: E402
 from data.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
-from model.transformer import build_model  # noqa: E402
+from model.transformer import build_model, set_flex_backend  # noqa: E402
 from train.config import OptimSection  # noqa: E402
 from train.distributed import Distributed, setup  # noqa: E402
 from train.loop import train_step  # noqa: E402
@@ -101,7 +121,7 @@ from train.metrics import forward_flops, peak_flops, peak_memory_gib  # noqa: E4
 from train.optim import build_optimizer  # noqa: E402
 from train.parallelize import freeze, parallelize  # noqa: E402
 from train.reference import LiveReference, TableReference  # noqa: E402
-from train.scoring import row_multiple  # noqa: E402
+from train.scoring import attention_executor, row_multiple  # noqa: E402
 
 LAYOUTS = ("paired", "paired+packed", "shared", "shared+packed")
 
@@ -144,8 +164,21 @@ PRESETS: dict[str, dict[str, Any]] = {
                        tie_word_embeddings=False, max_position_embeddings=32768),
 }
 
+# Speed-ups of prefix sharing over unshared FlexAttention reported by Wang & Hegde (2024),
+# without and with packing, for comparison in the summary of several profiles.
+PAPER_SPEEDUPS = {
+    "capybara": (1.54, 1.36),
+    "hh-rlhf": (1.19, 1.48),
+    "metamath-dpo": (1.47, 1.60),
+    "tldr": (1.20, 1.38),
+    "tulu-helpsteer": (1.56, 1.52),
+    "ultrafeedback": (1.18, 1.21),
+}
+
 QUICK = dict(model="tiny", dataset="hh-rlhf", pairs=32, tokens_per_micro_batch=2048,
              warmup_steps=1, device="cpu")
+
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
 
 # ---- model and data -----------------------------------------------------------------------
@@ -192,12 +225,31 @@ def synthetic_examples(profile: str, num_pairs: int, vocab_size: int, spread: fl
             for i, (p, c, r) in enumerate(zip(prompts, chosen, rejected))]
 
 
-def real_examples(files: Sequence[str], tokenizer: Tokenizer, fmt: str) -> list[Example]:
+def synthetic_examples_for_tokens(profile: str, paired_tokens: int, vocab_size: int,
+                                  spread: float, seed: int) -> list[Example]:
+    """The first pairs of a draw of the profile that together hold about `paired_tokens`
+    tokens in the paired layout (at least one pair). The draw is twice the pairs the profile's
+    medians suggest (its lengths are scaled to the draw's median, so it is drawn whole, then
+    cut), doubled again while it falls short."""
+    median, ratio = PROFILES[profile]
+    typical = median * (2 * ratio + 2) / (1 + ratio)  # prompt twice, two completions
+    num_pairs = max(16, math.ceil(2 * paired_tokens / typical))
+    while True:
+        examples = synthetic_examples(profile, num_pairs, vocab_size, spread, seed)
+        total = np.cumsum([e.num_paired_tokens for e in examples])
+        if total[-1] >= paired_tokens:
+            return examples[:int(np.searchsorted(total, paired_tokens)) + 1]
+        num_pairs *= 2
+
+
+def real_examples(files: Sequence[str], tokenizer: Tokenizer, fmt: str,
+                  max_examples: int = 0) -> list[Example]:
+    """The examples of every file (at most `max_examples` of each; 0 = all)."""
     logging.getLogger("data.dataset").setLevel(logging.ERROR)  # skipped rows: counted here
     examples: list[Example] = []
     for file in files:
-        data = load_preference_data(DataConfig(path=file, format=fmt, bad_rows="skip"),
-                                    tokenizer, progress=False)
+        config = DataConfig(path=file, format=fmt, bad_rows="skip", max_examples=max_examples)
+        data = load_preference_data(config, tokenizer, progress=False)
         print(f"{file}: {len(data.examples)} examples, {data.num_skipped} bad rows skipped")
         examples.extend(data.examples)
     return examples
@@ -272,6 +324,19 @@ class TokenBudgetLoader(PreferenceLoader):
 # ---- one layout ---------------------------------------------------------------------------
 
 
+def block_size_supported() -> bool:
+    """Whether the training step can build its FlexAttention BlockMask at another block size."""
+    return "flex_block_size" in inspect.signature(train_step).parameters
+
+
+def compile_mode_options(mode: str) -> contextlib.AbstractContextManager:
+    """The inductor options of a `torch.compile` mode, in force inside the context."""
+    import torch._inductor
+    import torch._inductor.config
+
+    return torch._inductor.config.patch(torch._inductor.list_mode_options(mode))
+
+
 def compile_counts() -> dict[str, int]:
     """Graphs dynamo has compiled and graph breaks so far in this process (never reset)."""
     from torch._dynamo.utils import counters
@@ -289,8 +354,9 @@ def measure_layout(layout: str, examples: list[Example], config: ModelConfig,
                    args: argparse.Namespace, env: Distributed, packing_length: int) -> dict:
     device = env.device
     cuda = device.type == "cuda"
-    gc.collect()
-    if cuda:
+    attention = attention_executor(args.attention, device)
+    if cuda:  # free the previous layout's memory before measuring this one's peak
+        gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     torch._dynamo.reset()  # every layout compiles from scratch (in its warm-up)
@@ -299,27 +365,33 @@ def measure_layout(layout: str, examples: list[Example], config: ModelConfig,
                         mixed_precision=cuda,
                         activation_checkpointing=args.activation_checkpointing,
                         compile=args.compile)
+    if attention == "flex":
+        set_flex_backend(model, args.flex_backend)
     num_sequences = Numbering(examples).num_sequences
     if args.reference == "live":
         frozen = build_model(config, device, torch.bfloat16 if cuda else torch.float32,
                              seed=args.seed)
         reference = LiveReference(parallelize(freeze(frozen), env.mesh, mixed_precision=False,
                                               compile=args.compile))
+        if attention == "flex":
+            set_flex_backend(reference.model, args.flex_backend)
     else:  # a precomputed table: its values do not change the cost, so no scoring pass
         generator = torch.Generator().manual_seed(args.seed)
         reference = TableReference(
             (-100.0 * torch.rand(num_sequences, generator=generator) - 1.0).to(device))
     optimizer = build_optimizer(model, OptimSection(lr=args.lr), device)
 
-    def step(batches: list[Batch]):
+    knobs = {"flex_block_size": args.block_size} if args.block_size else {}
+
+    def step(batches: StepBatches):
         result, _ = train_step(model, batches, reference=reference, loss_config=LossConfig(),
                                loss_state=LossState(), optimizer=optimizer, max_grad_norm=1.0,
-                               env=env, use_flex=cuda)
+                               env=env, attention=attention, **knobs)
         return result
 
     def loader(prefetch: int) -> TokenBudgetLoader:
         return TokenBudgetLoader(examples, layout, args.tokens_per_micro_batch, packing_length,
-                                 row_multiple(cuda), args.grad_accum, args.seed, prefetch,
+                                 row_multiple(attention), args.grad_accum, args.seed, prefetch,
                                  pin_memory=cuda)
 
     timed_loader = loader(prefetch=2)
@@ -394,14 +466,13 @@ def measure_layout(layout: str, examples: list[Example], config: ModelConfig,
     return result
 
 
-def warmup_steps(loader: TokenBudgetLoader, count: int, extremes: bool) -> list[list[Batch]]:
+def warmup_steps(loader: TokenBudgetLoader, count: int, extremes: bool) -> list[StepBatches]:
     """The first `count` steps of the plan; with `extremes` (compiled runs) in unpacked
     layouts, whose shapes vary, also one micro-batch of each extreme shape (fewest and most
     rows, shortest and longest rows), so that the compiler's switch to dynamic shapes (and its
     specialization of size 1) happens here rather than in the timed pass. Built without a
     background thread."""
-    steps = [[loader.build(rows) for rows in loader.step_rows(0, s)]
-             for s in range(min(count, loader.steps_in_epoch(0)))]
+    steps = [loader.step_batches(0, s) for s in range(min(count, loader.steps_in_epoch(0)))]
     if count and extremes and not is_packed(loader.layout):
         plan = loader.micro_batch_plan(0)
         shapes = {i: (len(rows), max(loader.longest_document(r[0]) for r in rows))
@@ -413,11 +484,11 @@ def warmup_steps(loader: TokenBudgetLoader, count: int, extremes: bool) -> list[
                 batch = loader.build(plan[i])
                 if tuple(batch.input_ids.shape) not in seen:
                     seen.add(tuple(batch.input_ids.shape))
-                    steps.append([batch])
+                    steps.append(StepBatches.single_process([batch]))
     return steps
 
 
-def profile_step(step, batches: list[Batch], device: torch.device) -> str:
+def profile_step(step, batches: StepBatches, device: torch.device) -> str:
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
@@ -493,13 +564,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    "default tiny on CPU, llama-3.2-1b on CUDA")
     p.add_argument("--num-layers", type=int, help="override the number of decoder layers "
                    "(e.g. an 8B shape with fewer layers on one GPU)")
-    p.add_argument("--dataset", choices=sorted(PROFILES), help="synthetic length profile "
-                   "(default hh-rlhf); ignored with --data")
+    p.add_argument("--dataset", help=f"synthetic length profile: {', '.join(sorted(PROFILES))}; "
+                   "several comma-separated, or 'all', run in turn (default hh-rlhf); ignored "
+                   "with --data")
     p.add_argument("--data", nargs="+", help="real preference files (needs --tokenizer)")
     p.add_argument("--tokenizer", help="folder with tokenizer.json, for --data")
     p.add_argument("--format", default="auto", help="data format of --data files")
     p.add_argument("--pairs", type=int, help="use the first N examples (default: all of "
                    "--data; synthetic: 2048 on CUDA, 256 on CPU)")
+    p.add_argument("--paired-tokens", type=int, help="synthetic: as many pairs as hold about "
+                   "this many tokens in the paired layout (--pairs still caps them)")
     p.add_argument("--spread", type=float, default=0.5, help="lognormal sigma of synthetic "
                    "lengths")
     p.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated")
@@ -514,7 +588,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
     p.add_argument("--no-compile", dest="compile", action="store_false", default=None,
                    help="CUDA: do not compile the decoder layers")
-    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--attention", choices=("auto", "flex", "documents", "dense"), default="auto",
+                   help="attention executor (default: flex on CUDA, documents on CPU)")
+    p.add_argument("--flex-backend", choices=("triton", "flash"), default="triton",
+                   help="FlexAttention kernels (CUDA): triton, or flash (FlashAttention-4)")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each decoder layer in backward")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
+                   help="inductor options of this torch.compile mode for everything compiled "
+                   "in the step (see the module docstring)")
+    p.add_argument("--block-size", type=int, help="FlexAttention block size, a power of two "
+                   "from 16 to 128 (default: the trainer's, 128)")
     p.add_argument("--lr", type=float, default=1e-6)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", action="store_true",
@@ -530,18 +614,38 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for layout in args.layouts:
         if layout not in LAYOUTS:
             raise SystemExit(f"--layouts: unknown layout {layout!r}; expected {LAYOUTS}")
+    args.datasets = parse_datasets(args.dataset or "hh-rlhf")
     if args.data and not args.tokenizer:
         raise SystemExit("--data needs --tokenizer (a folder with tokenizer.json)")
+    if args.block_size is not None:
+        if not block_size_supported():
+            raise SystemExit("--block-size: not supported yet: train.loop.train_step takes no "
+                             "flex_block_size, so the FlexAttention BlockMask is always built "
+                             "at the default block size (128)")
+        size = args.block_size
+        if not (16 <= size <= 128 and size & (size - 1) == 0):
+            raise SystemExit(f"--block-size {size}: expected a power of two from 16 to 128 "
+                             "(rows are padded to multiples of 128)")
     return args
+
+
+def parse_datasets(text: str) -> list[str]:
+    names = sorted(PROFILES) if text == "all" else \
+        [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in PROFILES]
+    if unknown or not names:
+        raise SystemExit(f"--dataset: unknown profile(s) {unknown or text!r}; expected "
+                         f"{', '.join(sorted(PROFILES))} or 'all'")
+    return list(dict.fromkeys(names))
 
 
 def resolve_defaults(args: argparse.Namespace, cuda: bool) -> None:
     args.model = args.model or ("llama-3.2-1b" if cuda else "tiny")
-    args.dataset = args.dataset or "hh-rlhf"
+    args.dataset = ",".join(args.datasets)
     if args.warmup_steps is None:
         args.warmup_steps = 3 if cuda else 1
     args.compile = cuda if args.compile is None else (args.compile and cuda)
-    if args.pairs is None and not args.data:
+    if args.pairs is None and not args.data and not args.paired_tokens:
         args.pairs = 2048 if cuda else 256
 
 
@@ -559,18 +663,75 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace, env: Distributed) -> dict[str, Any]:
+    """Every dataset in turn; the report (see the module docstring for its form with several
+    synthetic profiles). Exits with an error after writing it when a layout failed."""
     cuda = env.device.type == "cuda"
-    if args.data:
+    print(f"device: {env.device} ({environment(env.device)['device']}), torch {torch.__version__}"
+          f"{', compiled, bf16 mixed precision' if args.compile else ''}")
+    compiles_anything = cuda  # FlexAttention, the BlockMask and the kernel compile on CUDA
+    print(f"activation checkpointing {'on' if args.activation_checkpointing else 'off'}, "
+          f"compile mode {args.compile_mode}"
+          f"{'' if compiles_anything else ' (no effect: nothing is compiled on CPU)'}, "
+          f"FlexAttention block size {args.block_size or 'default (128)'}"
+          f"{'' if cuda else ' (no effect: FlexAttention runs on CUDA only)'}, "
+          f"attention executor {args.attention}")
+    names: list[str | None] = [None] if args.data else args.datasets
+    several = len(names) > 1
+    reports: dict[str, dict[str, Any]] = {}
+
+    def combined() -> dict[str, Any]:
+        head = {"environment": environment(env.device), "args": dict(vars(args)),
+                "supported": {"block_size": block_size_supported(),
+                              "compile_modes": list(COMPILE_MODES)}}
+        if not several:
+            return {**head, **next(iter(reports.values()))}
+        return {**head, "datasets": reports, "summary": summarize(reports)}
+
+    for name in names:
+        if several:
+            print(f"\n=== {name} ===", flush=True)
+        reports[name or "data"] = measure_dataset(args, env, name)
+        if several and args.json:
+            write_json(args.json, combined())
+    report = combined()
+    if several:
+        print("\nSummary: pairs/s ratios beside the token-ratio ceiling and the paper's "
+              "speed-ups (shared / unshared FlexAttention, unpacked / packed)")
+        print(format_summary(report["summary"]))
+    if args.json:
+        write_json(args.json, report)
+        print(f"wrote {args.json}")
+    failed = {f"{name} {layout}" if several else layout
+              for name, r in reports.items() for layout in r["failures"]}
+    if failed:
+        raise SystemExit(f"{len(failed)} layout(s) failed: {', '.join(sorted(failed))}")
+    return report
+
+
+def write_json(path: str, report: dict[str, Any]) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def measure_dataset(args: argparse.Namespace, env: Distributed, profile: str | None
+                    ) -> dict[str, Any]:
+    """Every layout on one dataset: `--data` files (profile None) or a synthetic profile."""
+    cuda = env.device.type == "cuda"
+    if profile is None:
         tokenizer = load_tokenizer(args.tokenizer)
         config = model_config(args.model, args.num_layers, tokenizer.vocab_size)
-        examples = real_examples(args.data, tokenizer, args.format)
+        examples = real_examples(args.data, tokenizer, args.format, args.pairs or 0)
         data_name = ", ".join(args.data)
     else:
         config = model_config(args.model, args.num_layers, None)
-        examples = synthetic_examples(args.dataset, args.pairs, config.vocab_size, args.spread,
-                                      args.seed)
-        data_name = f"synthetic {args.dataset} (median {PROFILES[args.dataset][0]}, ratio " \
-                    f"{PROFILES[args.dataset][1]}, sigma {args.spread})"
+        if args.paired_tokens:
+            examples = synthetic_examples_for_tokens(profile, args.paired_tokens,
+                                                     config.vocab_size, args.spread, args.seed)
+        else:
+            examples = synthetic_examples(profile, args.pairs, config.vocab_size, args.spread,
+                                          args.seed)
+        data_name = f"synthetic {profile} (median {PROFILES[profile][0]}, ratio " \
+                    f"{PROFILES[profile][1]}, sigma {args.spread})"
     if args.pairs:
         examples = examples[:args.pairs]
     largest_id = max(int(max(g.prompt.max(), *(c.max() for c in g.completions)))
@@ -587,11 +748,10 @@ def run(args: argparse.Namespace, env: Distributed) -> dict[str, Any]:
     if budget < packing_length:
         raise SystemExit(f"--tokens-per-micro-batch {budget} is below the packing length "
                          f"{packing_length}: a packed micro-batch needs at least one row")
-    args.tokens_per_micro_batch = budget
+    # This dataset's settings: the budget may follow its packing length.
+    args = argparse.Namespace(**{**vars(args), "tokens_per_micro_batch": budget})
     stats = data_statistics(examples)
 
-    print(f"device: {env.device} ({environment(env.device)['device']}), torch {torch.__version__}"
-          f"{', compiled, bf16 mixed precision' if args.compile else ''}")
     print(f"model: {args.model}, {config.num_hidden_layers} layers, "
           f"{config.num_params / 1e6:.1f}M parameters, random init")
     print(f"data: {data_name}: {len(examples)} pairs, median prompt+chosen "
@@ -607,8 +767,9 @@ def run(args: argparse.Namespace, env: Distributed) -> dict[str, Any]:
     failures: dict[str, str] = {}
     for layout in args.layouts:
         try:
-            results[layout] = measure_layout(layout, examples, config, args, env,
-                                             packing_length)
+            with compile_mode_options(args.compile_mode):
+                results[layout] = measure_layout(layout, examples, config, args, env,
+                                                 packing_length)
         except Exception as e:  # noqa: BLE001 - reported, the other layouts still run
             traceback.print_exc()
             failures[layout] = f"{type(e).__name__}: {e}"
@@ -627,22 +788,59 @@ def run(args: argparse.Namespace, env: Distributed) -> dict[str, Any]:
             f"{k} ({results[k]['graphs_compiled_after_warmup']} graphs)" for k in recompiled)
             if recompiled else "none"))
 
-    report = {"environment": environment(env.device),
-              "args": {k: v for k, v in vars(args).items()},
-              "model": {"name": args.model, "num_params": config.num_params,
-                        "num_hidden_layers": config.num_hidden_layers},
-              "data": {"source": data_name, "num_pairs": len(examples),
-                       "packing_length": packing_length, "num_truncated": fit.num_truncated,
-                       "packing_efficiency_paired": fit.efficiency,
-                       "tokens_per_micro_batch": budget, **stats},
-              "layouts": results, "failures": failures}
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.json}")
-    if failures:
-        raise SystemExit(f"{len(failures)} layout(s) failed: {', '.join(failures)}")
-    return report
+    return {"model": {"name": args.model, "num_params": config.num_params,
+                      "num_hidden_layers": config.num_hidden_layers},
+            "data": {"source": data_name, "profile": profile, "num_pairs": len(examples),
+                     "packing_length": packing_length, "num_truncated": fit.num_truncated,
+                     "packing_efficiency_paired": fit.efficiency,
+                     "tokens_per_micro_batch": budget, **stats},
+            "layouts": results, "failures": failures}
+
+
+# ---- several profiles ---------------------------------------------------------------------
+
+
+SUMMARY_RATIOS = {  # name: (numerator layout, denominator layout)
+    "shared_vs_paired": ("shared", "paired"),
+    "shared_packed_vs_paired_packed": ("shared+packed", "paired+packed"),
+    "shared_packed_vs_paired": ("shared+packed", "paired"),
+}
+
+
+def summarize(reports: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per profile: the pairs/s ratios that exist among the layouts run, the token-ratio
+    ceiling, and the paper's speed-ups."""
+    summary = {}
+    for name, report in reports.items():
+        layouts = report["layouts"]
+        row: dict[str, Any] = {"pairs": report["data"]["num_pairs"],
+                               "token_ratio_ceiling": report["data"]["token_ratio_ceiling"]}
+        for key, (a, b) in SUMMARY_RATIOS.items():
+            row[key] = layouts[a]["pairs_per_s"] / layouts[b]["pairs_per_s"] \
+                if a in layouts and b in layouts else None
+        row["paper_unpacked"], row["paper_packed"] = PAPER_SPEEDUPS.get(name, (None, None))
+        summary[name] = row
+    return summary
+
+
+def format_summary(summary: dict[str, dict[str, Any]]) -> str:
+    columns = [("profile", "{:<15}", None), ("pairs", "{:>6}", "pairs"),
+               ("ceiling", "{:>8.2f}", "token_ratio_ceiling"),
+               ("s / p", "{:>6.2f}", "shared_vs_paired"),
+               ("s+pk / p+pk", "{:>11.2f}", "shared_packed_vs_paired_packed"),
+               ("s+pk / p", "{:>8.2f}", "shared_packed_vs_paired"),
+               ("paper unpk", "{:>10.2f}", "paper_unpacked"),
+               ("paper pk", "{:>8.2f}", "paper_packed")]
+    widths = [len(fmt.format(*([""] if "<" in fmt else [0]))) for _, fmt, _ in columns]
+    lines = [" ".join(f"{name:>{w}}" if i else f"{name:<{w}}"
+                      for i, ((name, _, _), w) in enumerate(zip(columns, widths)))]
+    for profile, row in summary.items():
+        cells = []
+        for (_, fmt, key), w in zip(columns, widths):
+            value = profile if key is None else row.get(key)
+            cells.append(f"{'-':>{w}}" if value is None else fmt.format(value))
+        lines.append(" ".join(cells))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

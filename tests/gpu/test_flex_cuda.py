@@ -66,11 +66,11 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
-def logps_and_grads(model, batch: Batch, use_flex: bool) -> tuple[torch.Tensor, dict]:
+def logps_and_grads(model, batch: Batch, attention: str) -> tuple[torch.Tensor, dict]:
     """Target log-probs and the gradients of a fixed random weighting of them."""
     model.zero_grad(set_to_none=True)
     mask = build_attention_mask(batch.document_ids, batch.segment_ids, batch.positions,
-                                model.config.sliding_window, use_flex)
+                                model.config.sliding_window, attention)
     logps = model(batch.input_ids, batch.positions, mask, batch.target_index, batch.target_ids)
     weights = torch.randn(logps.shape, generator=torch.Generator().manual_seed(3)).cuda()
     (logps * weights).sum().backward()
@@ -93,8 +93,8 @@ def test_flex_equals_dense_float32(variant, no_tf32):
     config = cuda_config(variant)
     model = build_model(config, "cuda", seed=0)
     batch = first_batch(config)
-    dense, dense_grads = logps_and_grads(model, batch, use_flex=False)
-    flex, flex_grads = logps_and_grads(model, batch, use_flex=True)
+    dense, dense_grads = logps_and_grads(model, batch, attention="dense")
+    flex, flex_grads = logps_and_grads(model, batch, attention="flex")
     assert relative(flex, dense) <= FLOAT32_TOLERANCE
     # The tolerance tells a wrong mask: without the prefix-sharing rule the log-probs move by
     # far more than it allows.
@@ -116,8 +116,8 @@ def test_flex_equals_dense_bfloat16(variant, no_tf32):
     batch = first_batch(config)
     truth, truth_grads = logps_and_grads(build_model(config, "cuda", seed=0), batch, False)
     model = build_model(config, "cuda", torch.bfloat16, seed=0)
-    dense, dense_grads = logps_and_grads(model, batch, use_flex=False)
-    flex, flex_grads = logps_and_grads(model, batch, use_flex=True)
+    dense, dense_grads = logps_and_grads(model, batch, attention="dense")
+    flex, flex_grads = logps_and_grads(model, batch, attention="flex")
     flex_error, dense_error = relative(flex, truth), relative(dense, truth)
     assert flex_error <= min(2 * dense_error + 5e-3, 5e-2), (flex_error, dense_error)
     for name, grad in truth_grads.items():
@@ -134,8 +134,8 @@ def test_compiled_layers_equal_eager(no_tf32):
     for layer in compiled.layers:
         layer.compile()
     batch = first_batch(config)
-    eager_logps, eager_grads = logps_and_grads(eager, batch, use_flex=True)
-    compiled_logps, compiled_grads = logps_and_grads(compiled, batch, use_flex=True)
+    eager_logps, eager_grads = logps_and_grads(eager, batch, attention="flex")
+    compiled_logps, compiled_grads = logps_and_grads(compiled, batch, attention="flex")
     assert relative(compiled_logps, eager_logps) <= FLOAT32_TOLERANCE
     for name, grad in eager_grads.items():
         assert relative(compiled_grads[name], grad) <= FLOAT32_TOLERANCE, name
@@ -177,7 +177,7 @@ def run_step(model, batches, reference, env, optimizer):
 
     return train_step(model, batches, reference=reference, loss_config=LossConfig(),
                       loss_state=LossState(), optimizer=optimizer, max_grad_norm=1.0, env=env,
-                      use_flex=True)[0]
+                      attention="flex")[0]
 
 
 def graphs_compiled() -> int:
@@ -234,7 +234,7 @@ def test_first_loss_is_ln2_in_mixed_precision(env, layout):
     packed = fit_examples(examples, "shared+packed", LENGTH, "error")[1]
     table, _ = score_sequences(model, examples, layout="shared+packed",
                                packing_length=packed.packing_length, micro_batch_size=2,
-                               device=env.device, use_flex=True, progress=False)
+                               device=env.device, attention="flex", progress=False)
     loader = PreferenceLoader(examples, layout, 4, packing_length=report.packing_length,
                               pad_multiple=128, seed=0, prefetch=0)
     optimizer = build_optimizer(model, OptimSection(lr=1e-5), env.device)
