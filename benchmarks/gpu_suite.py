@@ -412,9 +412,6 @@ def part_knobs(ctx: Context) -> dict[str, Any]:
                                "flags": list(knob.flags), "status": "skipped", "note": ""}
         if knob.option not in options:
             row["note"] = f"throughput.py has no {knob.option} option yet"
-        elif knob.option == "--block-size" and supported.get("block_size") is False:
-            row["status"] = "unsupported"
-            row["note"] = "the training step takes no FlexAttention block size yet"
         elif knob.cuda_only and ctx.plan.device != "cuda":
             row["note"] = "no effect on a CPU (dry run)"
         else:

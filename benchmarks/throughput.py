@@ -56,8 +56,7 @@ Speed knobs, each compared by running the same command with and without it:
   mode (`torch._inductor.list_mode_options`), applied while a layout is measured to everything
   compiled in its steps: decoder layers, FlexAttention, the BlockMask and the log-prob kernel;
 - `--block-size B`: FlexAttention's block size (a power of two from 16 to 128), passed to the
-  training step as `flex_block_size`; refused as not supported yet while `train_step` takes no
-  such argument (the BlockMask is then built at the default size, 128).
+  training step as `flex_block_size` (default 128).
 
 Reported per layout: pairs/s, non-padding tokens/s, padding fraction, MFU (CUDA: useful FLOPs
 from `train.metrics.forward_flops`, x3 for forward + backward, +1 forward for a live reference,
@@ -83,7 +82,6 @@ import contextlib
 import dataclasses
 import datetime
 import gc
-import inspect
 import json
 import logging
 import math
@@ -322,11 +320,6 @@ class TokenBudgetLoader(PreferenceLoader):
 
 
 # ---- one layout ---------------------------------------------------------------------------
-
-
-def block_size_supported() -> bool:
-    """Whether the training step can build its FlexAttention BlockMask at another block size."""
-    return "flex_block_size" in inspect.signature(train_step).parameters
 
 
 def compile_mode_options(mode: str) -> contextlib.AbstractContextManager:
@@ -618,10 +611,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.data and not args.tokenizer:
         raise SystemExit("--data needs --tokenizer (a folder with tokenizer.json)")
     if args.block_size is not None:
-        if not block_size_supported():
-            raise SystemExit("--block-size: not supported yet: train.loop.train_step takes no "
-                             "flex_block_size, so the FlexAttention BlockMask is always built "
-                             "at the default block size (128)")
         size = args.block_size
         if not (16 <= size <= 128 and size & (size - 1) == 0):
             raise SystemExit(f"--block-size {size}: expected a power of two from 16 to 128 "
@@ -681,8 +670,7 @@ def run(args: argparse.Namespace, env: Distributed) -> dict[str, Any]:
 
     def combined() -> dict[str, Any]:
         head = {"environment": environment(env.device), "args": dict(vars(args)),
-                "supported": {"block_size": block_size_supported(),
-                              "compile_modes": list(COMPILE_MODES)}}
+                "supported": {"compile_modes": list(COMPILE_MODES)}}
         if not several:
             return {**head, **next(iter(reports.values()))}
         return {**head, "datasets": reports, "summary": summarize(reports)}

@@ -105,10 +105,17 @@ def _compiled_create_block_mask():
     return torch.compile(create_block_mask)
 
 
-def block_mask(mask_mod: MaskMod, batch_size: int, seq_len: int, device: torch.device) -> BlockMask:
-    """A FlexAttention BlockMask; compiled on CUDA so no `[L, L]` tensor is ever materialized."""
+# FlexAttention's default block: rows are padded to a multiple of it.
+FLEX_BLOCK_SIZE = 128
+
+
+def block_mask(mask_mod: MaskMod, batch_size: int, seq_len: int, device: torch.device,
+               block_size: int = FLEX_BLOCK_SIZE) -> BlockMask:
+    """A FlexAttention BlockMask of `block_size` x `block_size` blocks; compiled on CUDA so no
+    `[L, L]` tensor is ever materialized."""
     create = _compiled_create_block_mask() if device.type == "cuda" else create_block_mask
-    return create(mask_mod, batch_size, None, seq_len, seq_len, device=device)
+    return create(mask_mod, batch_size, None, seq_len, seq_len, device=device,
+                  BLOCK_SIZE=block_size)
 
 
 @dataclass(frozen=True)
@@ -197,9 +204,10 @@ def per_document_mask(document_ids: Tensor, segment_ids: Tensor, positions: Tens
 
 
 def build_attention_mask(document_ids: Tensor, segment_ids: Tensor, positions: Tensor,
-                         sliding_window: int | None, executor: str) -> AttentionMask:
+                         sliding_window: int | None, executor: str,
+                         flex_block_size: int = FLEX_BLOCK_SIZE) -> AttentionMask:
     """The mask for one batch of rows `[B, L]`, in the form `executor` (one of `EXECUTORS`)
-    takes."""
+    takes; `flex_block_size` is the BlockMask's block (flex only)."""
     if executor not in EXECUTORS:
         raise ValueError(f"unknown attention executor {executor!r}; choose one of {EXECUTORS}")
     if executor == "documents":
@@ -207,5 +215,5 @@ def build_attention_mask(document_ids: Tensor, segment_ids: Tensor, positions: T
     batch_size, seq_len = document_ids.shape
     mask_mod = row_mask_mod(document_ids, segment_ids, positions, sliding_window)
     if executor == "flex":
-        return block_mask(mask_mod, batch_size, seq_len, document_ids.device)
+        return block_mask(mask_mod, batch_size, seq_len, document_ids.device, flex_block_size)
     return dense_mask(mask_mod, batch_size, seq_len, document_ids.device)

@@ -14,17 +14,18 @@ from torch import Tensor, nn
 
 from data.layout import Batch
 from kernels import sequence_log_probs
-from model.masks import AttentionMask, build_attention_mask
+from model.masks import FLEX_BLOCK_SIZE, AttentionMask, build_attention_mask
 from train.losses import LossConfig, LossState, preference_loss
 
 # Reference log-probs `[S]` of a batch's sequences (None for reference-free losses).
 Reference = Callable[[Batch, AttentionMask], "Tensor | None"]
 
 
-def attention_mask(batch: Batch, sliding_window: int | None, attention: str) -> AttentionMask:
+def attention_mask(batch: Batch, sliding_window: int | None, attention: str,
+                   flex_block_size: int = FLEX_BLOCK_SIZE) -> AttentionMask:
     """Built once per micro-batch and shared by the policy and a live reference."""
     return build_attention_mask(batch.document_ids, batch.segment_ids, batch.positions,
-                                sliding_window, attention)
+                                sliding_window, attention, flex_block_size)
 
 
 def batch_sequence_log_probs(model: nn.Module, batch: Batch, mask: AttentionMask
@@ -37,11 +38,11 @@ def batch_sequence_log_probs(model: nn.Module, batch: Batch, mask: AttentionMask
 
 
 def pair_losses(model: nn.Module, batch: Batch, reference: Reference, loss_config: LossConfig,
-                loss_state: LossState, attention: str
+                loss_state: LossState, attention: str, flex_block_size: int = FLEX_BLOCK_SIZE
                 ) -> tuple[Tensor, dict[str, Tensor], LossState]:
     """Per-pair losses `[N]`, per-pair metrics and the advanced loss state of a batch. One
     mask serves the policy and a live reference."""
-    mask = attention_mask(batch, model.config.sliding_window, attention)
+    mask = attention_mask(batch, model.config.sliding_window, attention, flex_block_size)
     # The reference (no grad) runs first: a live one's gathered weights and activations are
     # freed before the policy's activations, kept for backward, exist.
     ref = reference(batch, mask)

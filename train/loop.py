@@ -23,6 +23,7 @@ import torch
 
 from data.loader import PreferenceLoader, StepBatches
 from model.hf_checkpoint import save_hf_checkpoint
+from model.masks import FLEX_BLOCK_SIZE
 from model.transformer import set_flex_backend
 from data.dataset import chat_template_override
 from train.build import ModelSource, load_run_data, tokenizer_for
@@ -77,7 +78,8 @@ class StepResult:
 def train_step(model: torch.nn.Module, batches: StepBatches, *, reference: Reference,
                loss_config: LossConfig, loss_state: LossState, optimizer: torch.optim.Optimizer,
                max_grad_norm: float, env: Distributed, attention: str,
-               stop_requested: bool = False) -> tuple[StepResult, LossState]:
+               stop_requested: bool = False, flex_block_size: int = FLEX_BLOCK_SIZE
+               ) -> tuple[StepResult, LossState]:
     """Forward and backward over this rank's micro-batches, then one optimizer update (skipped
     when the loss or the gradient is not finite).
 
@@ -99,7 +101,7 @@ def train_step(model: torch.nn.Module, batches: StepBatches, *, reference: Refer
     for batch in batches:
         batch = batch.to(device, non_blocking=True)
         losses, metrics, loss_state = pair_losses(model, batch, reference, loss_config,
-                                                  loss_state, attention)
+                                                  loss_state, attention, flex_block_size)
         (losses.sum() * scale).backward()
         sums += torch.stack([losses.detach().sum().double()]
                             + [metrics[name].detach().sum().double() for name in PAIR_METRICS])

@@ -97,13 +97,14 @@ def test_flex_equals_dense_float32(variant, no_tf32):
     flex, flex_grads = logps_and_grads(model, batch, attention="flex")
     assert relative(flex, dense) <= FLOAT32_TOLERANCE
     # The tolerance tells a wrong mask: without the prefix-sharing rule the log-probs move by
-    # far more than it allows.
+    # far more than it allows (on CPU, 0.009-0.011 relative for the Llama variant over four
+    # seeds, 0.026 with the window: 30x the tolerance is a clear margin below both).
     with torch.no_grad():
         broken = dense_mask(and_masks(causal, document_mask(batch.document_ids)),
                             *batch.input_ids.shape, batch.input_ids.device)
         wrong = model(batch.input_ids, batch.positions, broken, batch.target_index,
                       batch.target_ids)
-    assert relative(wrong, dense) > 100 * FLOAT32_TOLERANCE
+    assert relative(wrong, dense) > 30 * FLOAT32_TOLERANCE
     assert flex_grads.keys() == dense_grads.keys()
     for name, grad in dense_grads.items():
         assert grad.norm() > 0, name

@@ -107,3 +107,16 @@ def test_block_mask_matches_dense():
     blocks = sparse.to_dense()[:, 0].bool()  # [B, L/128, L/128] blocks with any allowed pair
     allowed = dense[:, 0].reshape(2, 2, 128, 2, 128).any(dim=4).any(dim=2)
     assert torch.equal(blocks, allowed)
+
+
+def test_flex_block_size_reaches_the_block_mask():
+    """The BlockMask is built at the requested block size (a speed knob of the throughput
+    benchmark), with the same allowed pairs."""
+    ids = torch.zeros(1, 256, dtype=torch.long)
+    positions = torch.arange(256)[None]
+    default = build_attention_mask(ids, ids, positions, None, executor="flex")
+    small = build_attention_mask(ids, ids, positions, None, executor="flex", flex_block_size=64)
+    assert default.BLOCK_SIZE == (128, 128) and small.BLOCK_SIZE == (64, 64)
+    # One causal document: the blocks on and below the diagonal are visited.
+    assert torch.equal(default.to_dense()[0, 0].bool(), torch.ones(2, 2).tril().bool())
+    assert torch.equal(small.to_dense()[0, 0].bool(), torch.ones(4, 4).tril().bool())
