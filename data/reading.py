@@ -12,8 +12,9 @@ Hub cannot be reached; with `HF_HUB_OFFLINE=1` only the cache is used.
 
 Every record keeps where it came from, for error messages: `file:line` (1-based) for jsonl,
 `file[i]` (0-based element or row index) for json and parquet. A jsonl line that is not valid
-UTF-8 or not valid JSON is yielded as a `Row` carrying the error, so the caller decides whether
-to stop or skip it; a damaged .json file is one error for the whole file.
+UTF-8 or not valid JSON, or a record (jsonl line or .json element) with an object that gives a
+key twice, is yielded as a `Row` carrying the error, so the caller decides whether to stop or
+skip it; a damaged .json file is one error for the whole file.
 """
 
 from __future__ import annotations
@@ -162,9 +163,14 @@ def _read_jsonl(file: Path, display: str, compressed: bool) -> Iterator[Row]:
                 if not text.strip():
                     continue  # blank lines (e.g. a trailing newline) hold no record
                 try:
-                    yield Row(location, json.loads(text))
+                    value, duplicated = _loads(text)
                 except json.JSONDecodeError as e:
                     yield Row(location, error=f"malformed JSON at column {e.colno}: {e.msg}")
+                    continue
+                if duplicated:
+                    yield Row(location, error=_duplicate_key_error(value))
+                else:
+                    yield Row(location, value)
     except (OSError, EOFError) as e:  # e.g. a truncated or mislabelled .gz file
         raise ValueError(f"{display}: cannot read the file ({type(e).__name__}: {e})") from None
 
@@ -182,15 +188,62 @@ def _read_json(file: Path, display: str, compressed: bool) -> Iterator[Row]:
         raise ValueError(f"{display}:{line}: not valid UTF-8 text; re-encode the file as "
                          "UTF-8") from None
     try:
-        value = json.loads(text)
+        value, duplicated = _loads(text)
     except json.JSONDecodeError as e:
         hint = (" (it looks like one JSON object per line: name the file .jsonl)"
                 if e.msg == "Extra data" else "")
         raise ValueError(f"{display}:{e.lineno}: malformed JSON at column {e.colno}: "
                          f"{e.msg}{hint}") from None
+    if isinstance(value, _DuplicateKeyObject):
+        raise ValueError(f"{display}: the top-level JSON object gives the key {value.key!r} "
+                         "twice; give each key once")
     records, prefix = _records_of(value, display)
     for i, record in enumerate(records):
-        yield Row(f"{display}{prefix}[{i}]", record)
+        location = f"{display}{prefix}[{i}]"
+        if duplicated and _duplicate_key(record) is not None:
+            yield Row(location, error=_duplicate_key_error(record))
+        else:
+            yield Row(location, record)
+
+
+class _DuplicateKeyObject(dict):
+    """A decoded JSON object that gave `key` more than once (the last value is kept here, but
+    the record is refused: which value was meant is unknowable)."""
+
+    key: str
+
+
+def _loads(text: str) -> tuple[Any, bool]:
+    """`json.loads`, and whether any object in the text repeats a key (such objects are
+    `_DuplicateKeyObject`s, found by `_duplicate_key`)."""
+    duplicated = False
+
+    def make_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        nonlocal duplicated
+        obj = dict(pairs)
+        if len(obj) == len(pairs):
+            return obj
+        duplicated = True
+        seen: set[str] = set()
+        marked = _DuplicateKeyObject(obj)
+        marked.key = next(k for k, _ in pairs if k in seen or seen.add(k))
+        return marked
+
+    return json.loads(text, object_pairs_hook=make_object), duplicated
+
+
+def _duplicate_key(value: Any) -> str | None:
+    """The first key repeated in an object anywhere inside `value`, or None."""
+    if isinstance(value, _DuplicateKeyObject):
+        return value.key
+    children = value.values() if isinstance(value, dict) else value if isinstance(
+        value, list) else ()
+    return next((key for key in map(_duplicate_key, children) if key is not None), None)
+
+
+def _duplicate_key_error(value: Any) -> str:
+    return (f"duplicate key {_duplicate_key(value)!r} in a JSON object (only one of its values "
+            "could be used); give each field once")
 
 
 def _records_of(value: Any, display: str) -> tuple[list, str]:

@@ -29,6 +29,9 @@ from model.config import ModelConfig
 from model.transformer import Transformer, build_model
 
 SINGLE_FILE = "model.safetensors"
+# Stored dtypes read (and converted to the model's dtype); integer, bool, float8 and unknown
+# dtypes (quantized checkpoints) are refused rather than read as numbers they are not.
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "chat_template.jinja", "generation_config.json")
@@ -72,6 +75,11 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{index}: not a valid safetensors index ({e!r})") from None
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: not a valid safetensors index (weight_map is not an "
+                             "object of tensor name -> file name)")
+        for name, shard in weight_map.items():
+            _check_shard_name(index, name, shard)
         files = [model_dir / f for f in sorted(set(weight_map.values()))]
     elif (model_dir / SINGLE_FILE).is_file():
         files = [model_dir / SINGLE_FILE]
@@ -82,6 +90,15 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
         if not f.is_file():
             raise ValueError(f"{f}: listed in {index.name} but missing")
     return files
+
+
+def _check_shard_name(index: Path, tensor: str, shard: object) -> None:
+    """A weight_map entry must name a file inside the model folder as written: relative, with
+    no `..`. Symlinks are not resolved, so the hub cache's links into blobs/ still work."""
+    if (not isinstance(shard, str) or not shard or Path(shard).is_absolute()
+            or ".." in Path(shard).parts):
+        raise ValueError(f"{index}: weight_map entry {shard!r} (tensor {tensor!r}) must be a "
+                         "relative file name inside the model folder, without '..'")
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -103,9 +120,10 @@ class StoredTensor:
 class CheckpointReader:
     """A checkpoint's tensors under our names, validated against `config` from the file
     headers alone, before any data is read: unexpected names, duplicates across files, shapes,
-    missing names. Data is then read by rows (`read`), so a rank that holds a slice of a
-    parameter reads only that slice. A tied checkpoint may also store the head; it must equal
-    the embedding, which is checked row by row as the embedding is read."""
+    dtypes (floating point only), missing names. Data is then read by rows (`read`), so a rank
+    that holds a slice of a parameter reads only that slice. A tied checkpoint may also store
+    the head; it must equal the embedding, which is checked row by row as the embedding is
+    read."""
 
     def __init__(self, model_dir: Path, config: ModelConfig):
         self.model_dir = model_dir
@@ -121,7 +139,13 @@ class CheckpointReader:
                     if hf_name.endswith(_IGNORED_SUFFIXES):
                         continue
                     name = hf_to_ours(hf_name)
-                    stored = StoredTensor(file, hf_name, tuple(f.get_slice(hf_name).get_shape()))
+                    header = f.get_slice(hf_name)
+                    stored = StoredTensor(file, hf_name, tuple(header.get_shape()))
+                    dtype = header.get_dtype()
+                    if dtype not in FLOAT_DTYPES:
+                        raise ValueError(f"{file}: tensor {hf_name!r} has dtype {dtype}; expected "
+                                         f"{', '.join(FLOAT_DTYPES[:-1])} or {FLOAT_DTYPES[-1]} "
+                                         "(quantized checkpoints are not supported)")
                     if config.tie_word_embeddings and name == "lm_head.weight":
                         self._check(stored, expected["embed_tokens.weight"], self.tied_head)
                         self.tied_head = stored

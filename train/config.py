@@ -4,13 +4,15 @@
 
 Every key is checked against its dataclass field: an unknown section or key is refused with
 the valid ones listed, a value of the wrong type is refused naming `section.key`, and each
-section's own `__post_init__` checks ranges. The resolved config is written next to every
-checkpoint (`to_toml`). Relative paths are relative to the working directory.
+section's own `__post_init__` checks ranges. Every float (and every float in a list) must be
+finite: `nan` and `inf`, which TOML accepts, are refused naming the key. The resolved config is
+written next to every checkpoint (`to_toml`). Relative paths are relative to the working directory.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -71,6 +73,8 @@ class OptimSection:
                              "optim.max_grad_norm >= 0")
         if self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError("optim.warmup_steps must be >= 0 and optim.min_lr_ratio in [0, 1]")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas = {list(self.betas)}; expected two numbers in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,9 @@ class TrainSection:
     nonfinite: str = "stop"          # a NaN/inf loss: stop (keeping the last checkpoint) | skip
 
     def __post_init__(self) -> None:
+        if not self.output_dir.strip():
+            raise ValueError("train.output_dir is empty; set the run folder for checkpoints, "
+                             "metrics and the exported model")
         _check_choice("train.device", self.device, DEVICES)
         _check_choice("train.nonfinite", self.nonfinite, NONFINITE_POLICIES)
         _check_choice("train.attention", self.attention, ATTENTION_EXECUTORS)
@@ -126,7 +133,7 @@ class Config:
     checkpoint: CheckpointSection
 
     def __post_init__(self) -> None:
-        if not self.data.path:
+        if not self.data.path.strip():
             raise ValueError("data.path is required: a preference data file or hub dataset id")
         if self.reference.mode == "none" and self.loss.needs_reference:
             raise ValueError(f"reference.mode = 'none' but loss.type {list(self.loss.type)} "
@@ -237,6 +244,8 @@ def _coerce(value: Any, hint: Any, where: str, source: str) -> Any:
         raise fail()
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # TOML reads nan and inf; no option takes them
+                raise ValueError(f"{source}: {where} must be a finite number, got {value!r}")
             return float(value)
         raise fail()
     if hint is str:

@@ -12,6 +12,7 @@ so MFU measures useful work.
 from __future__ import annotations
 
 import json
+import logging
 import resource
 import sys
 from pathlib import Path
@@ -22,6 +23,8 @@ from tqdm import tqdm
 
 from data.layout import PADDING_DOCUMENT, Batch
 from model.config import ModelConfig
+
+logger = logging.getLogger(__name__)
 
 # Dense bfloat16 tensor-core peak FLOP/s per GPU (datasheet values, without sparsity), by the
 # exact name `torch.cuda.get_device_name` reports. Exact names, because fragments mislead: the
@@ -89,8 +92,7 @@ class MetricsLogger:
             return
         if start_step and self.path.is_file():
             # A resumed run logs again the steps after its checkpoint: drop the old lines.
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= start_step]
+            kept = _lines_up_to(self.path, start_step)
             self.path.write_text("".join(line + "\n" for line in kept))
         elif not start_step:
             self.path.unlink(missing_ok=True)
@@ -122,6 +124,29 @@ class MetricsLogger:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def _lines_up_to(path: Path, step: int) -> list[str]:
+    """The lines of a metrics file whose step is at most `step`. Lines that do not read as a
+    record with an integer step (the last one torn by a kill mid-write, say) are dropped,
+    with one warning."""
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        line_step = record.get("step", 0) if isinstance(record, dict) else None
+        if not isinstance(line_step, int) or isinstance(line_step, bool):
+            dropped += 1
+        elif line_step <= step:
+            kept.append(line)
+    if dropped:
+        logger.warning("%s: dropped %d unreadable line(s) (a line cut short when the run "
+                       "stopped, for instance)", path, dropped)
+    return kept
 
 
 def _short(value: Any) -> str:

@@ -190,3 +190,34 @@ def test_hub_download_asks_for_the_split_files(tmp_path, monkeypatch):
     assert kwargs["local_files_only"] is False
     assert "harmless-base/*test*.jsonl.gz" in kwargs["allow_patterns"]
     assert reading.data_suffix("x/test.JSONL.GZ") == ".jsonl.gz"
+
+
+def test_duplicate_key_in_a_jsonl_row_is_a_row_error(tmp_path):
+    """`{"chosen": "A", "rejected": "B", "chosen": "C"}` would silently keep "C"."""
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(RECORDS[0]) + "\n"
+                    + '{"prompt": "p", "chosen": "A", "rejected": "B", "chosen": "C"}\n'
+                    + '{"prompt": [{"role": "user", "content": "x", "role": "assistant"}], '
+                      '"chosen": "A", "rejected": "B"}\n'
+                    + json.dumps(RECORDS[1]) + "\n")
+    rows = list(read_rows(str(path)))
+    assert [r.location for r in rows] == [f"{path}:{i}" for i in (1, 2, 3, 4)]
+    assert rows[0].error is None and rows[3].value == RECORDS[1]
+    assert rows[1].value is None
+    assert rows[1].error.startswith("duplicate key 'chosen' in a JSON object")
+    assert rows[2].value is None and rows[2].error.startswith("duplicate key 'role'")
+
+
+def test_duplicate_key_in_a_json_file_record_is_a_row_error(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text('[{"prompt": "p", "chosen": "A", "rejected": "B"},\n'
+                    ' {"prompt": "p", "chosen": "A", "rejected": "B", "rejected": "C"}]')
+    rows = list(read_rows(str(path)))
+    assert rows[0].value == {"prompt": "p", "chosen": "A", "rejected": "B"}
+    assert rows[0].error is None
+    assert rows[1].location == f"{path}[1]" and rows[1].value is None
+    assert rows[1].error.startswith("duplicate key 'rejected' in a JSON object")
+    path.write_text('{"data": [{"prompt": "p", "chosen": "A", "rejected": "B"}], "data": []}')
+    with pytest.raises(ValueError, match=r"d.json: the top-level JSON object gives the key "
+                                         r"'data' twice"):
+        list(read_rows(str(path)))

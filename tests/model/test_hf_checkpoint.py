@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 from dataclasses import replace
 
 import pytest
@@ -167,3 +169,72 @@ def test_headers_are_validated_before_any_data_is_read(hf_checkpoint, monkeypatc
     with pytest.raises(ValueError, match=r"mlp\.\w+_proj\.weight' has shape .*97"):
         load_weights(build_model(wider), folder)
     assert reads == []
+
+
+def point_index_at(folder, shard_name):
+    """Rewrite the index so the tensors of the second shard are listed under `shard_name`."""
+    index_file = folder / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    second = sorted(set(index["weight_map"].values()))[1]
+    index["weight_map"] = {name: shard_name if file == second else file
+                           for name, file in index["weight_map"].items()}
+    index_file.write_text(json.dumps(index))
+    return folder / second
+
+
+@pytest.mark.parametrize("escape", ["../../outside.safetensors", "../outside.safetensors",
+                                    "sub/../../outside.safetensors", "absolute"])
+def test_index_entries_outside_the_folder_are_refused(hf_checkpoint, tmp_path, escape):
+    folder, _ = hf_checkpoint("llama_gqa", max_shard_size="40KB")
+    outside = tmp_path / "outside.safetensors"
+    shard_name = str(outside) if escape == "absolute" else escape
+    (folder / "sub").mkdir()
+    outside.write_bytes(point_index_at(folder, shard_name).read_bytes())
+    with pytest.raises(ValueError, match=r"model\.safetensors\.index\.json: weight_map entry "
+                                         rf"{re.escape(repr(shard_name))} .* inside the model"):
+        load_model(folder)
+
+
+def test_index_entry_that_is_not_a_string_is_refused(hf_checkpoint):
+    folder, _ = hf_checkpoint("llama_gqa", max_shard_size="40KB")
+    index_file = folder / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    index["weight_map"][next(iter(index["weight_map"]))] = 3
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(ValueError,
+                       match=r"index\.json: weight_map entry 3 .* a relative file name"):
+        load_model(folder)
+
+
+def test_symlinked_shards_as_in_the_hub_cache_still_load(hf_checkpoint, tmp_path):
+    """The hub cache links snapshots/<rev>/<file> to ../../blobs/<hash>: the files as written
+    in the index are inside the folder, their targets are not, and that is fine."""
+    folder, hf_model = hf_checkpoint("llama_gqa", max_shard_size="40KB")
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshots" / "rev"
+    blobs.mkdir()
+    snapshot.mkdir(parents=True)
+    for f in folder.iterdir():
+        (blobs / f.name).write_bytes(f.read_bytes())
+        (snapshot / f.name).symlink_to(Path("..") / ".." / "blobs" / f.name)
+    state = load_model(snapshot).state_dict()
+    expected = hf_model.state_dict()
+    assert all(torch.equal(state[k.removeprefix("model.")], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize("dtype, stored", [
+    (torch.int8, "I8"), (torch.uint8, "U8"), (torch.int32, "I32"), (torch.int64, "I64"),
+    (torch.bool, "BOOL"), (torch.float8_e4m3fn, "F8_E4M3"),
+])
+def test_non_float_dtypes_are_refused(hf_checkpoint, dtype, stored):
+    folder, _ = hf_checkpoint("llama_gqa")
+    rewrite(folder, lambda t: t.update({"model.norm.weight": torch.ones(64).to(dtype)}))
+    with pytest.raises(ValueError, match=rf"model\.safetensors: tensor 'model\.norm\.weight' has "
+                                         rf"dtype {stored}; expected F16, BF16, F32 or F64"):
+        load_model(folder)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_float_dtypes_are_read_and_converted(hf_checkpoint, dtype):
+    folder, _ = hf_checkpoint("llama_gqa")
+    rewrite(folder, lambda t: t.update({"model.norm.weight": torch.full((64,), 0.5, dtype=dtype)}))
+    assert torch.equal(load_model(folder).norm.weight, torch.full((64,), 0.5))

@@ -106,3 +106,48 @@ def test_readme_documents_every_key():
             if isinstance(default, tuple):
                 shown = tuple(shown) if isinstance(shown, list) else (shown,)
             assert shown == default, (section, f.name, shown, default)
+
+
+@pytest.mark.parametrize("override, message", [
+    (["--optim.lr=nan"], r"run.toml: optim.lr must be a finite number, got nan"),
+    (["--optim.lr=inf"], r"optim.lr must be a finite number, got inf"),
+    (["--optim.weight_decay=-inf"], r"optim.weight_decay must be a finite number, got -inf"),
+    (["--optim.eps=nan"], r"optim.eps must be a finite number, got nan"),
+    (["--optim.max_grad_norm=inf"], r"optim.max_grad_norm must be a finite number, got inf"),
+    (["--optim.min_lr_ratio=nan"], r"optim.min_lr_ratio must be a finite number, got nan"),
+    (["--optim.betas=[0.9, nan]"], r"optim.betas must be a finite number, got nan"),
+    (["--optim.betas=[inf, 0.999]"], r"optim.betas must be a finite number, got inf"),
+    (["--loss.beta=nan"], r"loss.beta must be a finite number, got nan"),
+    (["--loss.simpo_gamma=inf"], r"loss.simpo_gamma must be a finite number, got inf"),
+    (["--loss.weights=[1.0, nan]", "--loss.type=sigmoid,sft"],
+     r"loss.weights must be a finite number, got nan"),
+    (["--data.eval_fraction=nan"], r"data.eval_fraction must be a finite number, got nan"),
+])
+def test_nonfinite_floats_are_refused_naming_the_key(tmp_path, override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(write(tmp_path), override)
+
+
+def test_nonfinite_floats_in_the_toml_file_are_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"optim.lr must be a finite number, got nan"):
+        load_config(write(tmp_path, MINIMAL + "[optim]\nlr = nan\n"))
+
+
+@pytest.mark.parametrize("override, message", [
+    (["--optim.betas=[1.0, 0.999]"], r"optim.betas = \[1.0, 0.999\]; expected two numbers in "
+                                     r"\[0, 1\)"),
+    (["--optim.betas=[0.9, -0.1]"], r"optim.betas = \[0.9, -0.1\]; expected two numbers in"),
+])
+def test_adam_betas_range(tmp_path, override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(write(tmp_path), override)
+
+
+@pytest.mark.parametrize("override, message", [
+    (["--train.output_dir="], r"run.toml: train.output_dir is empty; set the run folder"),
+    (['--train.output_dir="  "'], r"train.output_dir is empty"),
+    (["--data.path="], r"run.toml: data.path is required"),
+])
+def test_empty_required_paths_are_refused(tmp_path, override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(write(tmp_path), override)
