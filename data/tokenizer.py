@@ -11,9 +11,11 @@ Policy, the same for every data format:
 - Text is always encoded WITHOUT the post-processor's special tokens; BOS and EOS are added here,
   so no tokenizer adds them twice.
 - The prompt and each completion are encoded SEPARATELY and concatenated, so the prompt's ids are
-  identical for all its completions (the point of prefix sharing). This is also what TRL does.
-  (With SentencePiece-style tokenizers the completion then starts as a new text would, e.g.
-  `"▁I"` rather than a merge across the boundary.)
+  identical for all its completions (the point of prefix sharing). Byte-level tokenizers (Llama
+  3, SmolLM2, GPT-2) give the same ids as encoding prompt+completion together. SentencePiece-style
+  ones (Llama 2, Mistral) do not: the completion starts as a new text would, with a leading
+  `"▁"` piece, where TRL (1.16) encodes prompt+completion together and keeps what follows the
+  prompt's ids.
 - A prompt gets BOS in front when the tokenizer adds BOS to plain text, unless its ids already
   start with BOS (a chat template that writes the `bos_token` text).
 - A completion ends with EOS: the EOS id is appended unless its ids already end with it (a chat
