@@ -87,3 +87,14 @@ def hf_checkpoint(tmp_path: Path):
         return folder, model
 
     return make
+
+
+def reshards_after_forward(module) -> bool:
+    """Whether an FSDP2 unit frees its gathered weights after forward. FSDP2 keeps no mesh to
+    reshard to when it keeps them. Private state, read the way each supported torch holds it
+    (one parameter group up to 2.11, a list of them later)."""
+    state = module._get_fsdp_state()
+    groups = getattr(state, "_fsdp_param_groups", None)
+    if groups is None:
+        groups = [g for g in [state._fsdp_param_group] if g is not None]
+    return all(group.post_forward_mesh_info is not None for group in groups)

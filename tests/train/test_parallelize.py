@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import FSDPModule
-from conftest import random_examples, tiny_config
+from conftest import random_examples, reshards_after_forward, tiny_config
 
 from data.loader import PreferenceLoader, fit_examples
 from model.transformer import build_model
@@ -71,12 +71,6 @@ def test_sharded_model_matches_plain(env, activation_checkpointing, tied):
     for (name, grad), actual_grad in zip(expected_grads.items(), actual_grads.values(),
                                           strict=True):
         assert (actual_grad - grad).abs().max() <= 1e-5, name
-
-
-def reshards_after_forward(module) -> bool:
-    # FSDP2 keeps no mesh to reshard to after forward when the gathered weights are kept.
-    return all(group.post_forward_mesh_info is not None
-               for group in module._get_fsdp_state()._fsdp_param_groups)
 
 
 def test_units(env):

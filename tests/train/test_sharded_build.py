@@ -25,7 +25,8 @@ REPO = Path(__file__).resolve().parents[2]
 if __name__ == "__main__":  # the worker, run by torchrun: import as pytest would
     sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from conftest import make_hf_model, random_examples, tiny_config  # noqa: E402
+from conftest import (make_hf_model, random_examples, reshards_after_forward,  # noqa: E402
+                      tiny_config)
 
 from model.hf_checkpoint import load_model, save_hf_checkpoint  # noqa: E402
 from model.transformer import build_model  # noqa: E402
@@ -209,10 +210,7 @@ def _units(model) -> dict[str, dict]:
     def describe(module):
         if not isinstance(module, FSDPModule):
             return {"unit": False}
-        groups = module._get_fsdp_state()._fsdp_param_groups
-        # No mesh to reshard to after forward: the gathered weights are kept.
-        return {"unit": True, "reshard": all(g.post_forward_mesh_info is not None
-                                             for g in groups)}
+        return {"unit": True, "reshard": reshards_after_forward(module)}
 
     units = {"root": describe(model), "embed_tokens": describe(model.embed_tokens),
              "norm": describe(model.norm), "lm_head": describe(model.lm_head)}
