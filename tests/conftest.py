@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from data.example import Example, Group
+from data.layout import PADDING_DOCUMENT
 
 from model.config import ModelConfig
 
@@ -98,3 +99,20 @@ def reshards_after_forward(module) -> bool:
     if groups is None:
         groups = [g for g in [state._fsdp_param_group] if g is not None]
     return all(group.post_forward_mesh_info is not None for group in groups)
+
+
+def row_tensors(groups: list[tuple[int, tuple[int, ...]]], length: int
+                ) -> tuple[list[int], list[int], list[int]]:
+    """Document ids, segment ids and positions of one row holding `groups`, each (prompt
+    length, completion lengths), padded to `length`."""
+    documents, segments, positions = [], [], []
+    for document, (prompt, completions) in enumerate(groups):
+        documents += [document] * (prompt + sum(completions))
+        segments += [0] * prompt
+        positions += list(range(prompt))
+        for segment, completion in enumerate(completions, start=1):
+            segments += [segment] * completion
+            positions += list(range(prompt, prompt + completion))
+    pad = length - len(documents)
+    assert pad >= 0
+    return documents + [PADDING_DOCUMENT] * pad, segments + [0] * pad, positions + [0] * pad

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 import torch.nn.functional as F
-from conftest import random_examples, tiny_config
+from conftest import random_examples, row_tensors, tiny_config
 
 from data import layout
 from data.loader import PreferenceLoader, fit_examples
@@ -35,23 +35,9 @@ ROWS = [
 ]
 
 
-def row_tensors(groups: list[tuple[int, tuple[int, ...]]]) -> list[list[int]]:
-    documents, segments, positions = [], [], []
-    for document, (prompt, completions) in enumerate(groups):
-        documents += [document] * (prompt + sum(completions))
-        segments += [0] * prompt
-        positions += list(range(prompt))
-        for segment, length in enumerate(completions, start=1):
-            segments += [segment] * length
-            positions += list(range(prompt, prompt + length))
-    pad = LENGTH - len(documents)
-    assert pad >= 0
-    return [documents + [PADDING_DOCUMENT] * pad, segments + [0] * pad, positions + [0] * pad]
-
-
 def row_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(document_ids, segment_ids, positions) `[4, LENGTH]` for ROWS."""
-    documents, segments, positions = zip(*map(row_tensors, ROWS))
+    documents, segments, positions = zip(*(row_tensors(groups, LENGTH) for groups in ROWS))
     return torch.tensor(documents), torch.tensor(segments), torch.tensor(positions)
 
 

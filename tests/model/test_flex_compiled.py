@@ -22,9 +22,10 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import row_tensors
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from model.masks import PADDING_DOCUMENT, block_mask, dense_mask, row_mask_mod
+from model.masks import block_mask, dense_mask, row_mask_mod
 
 compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
 
@@ -41,24 +42,10 @@ ROWS = [
 ]
 
 
-def row_tensors(groups: list[tuple[int, tuple[int, ...]]]) -> tuple[list[int], ...]:
-    documents, segments, positions = [], [], []
-    for document, (prompt, completions) in enumerate(groups):
-        documents += [document] * (prompt + sum(completions))
-        segments += [0] * prompt
-        positions += list(range(prompt))
-        for segment, length in enumerate(completions, start=1):
-            segments += [segment] * length
-            positions += list(range(prompt, prompt + length))
-    pad = LENGTH - len(documents)
-    assert pad >= 0
-    return documents + [PADDING_DOCUMENT] * pad, segments + [0] * pad, positions + [0] * pad
-
-
 @functools.cache
 def problem() -> tuple[BlockMask, torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(BlockMask, dense mask, (q, k, v)) for ROWS."""
-    documents, segments, positions = (torch.tensor(t) for t in zip(*map(row_tensors, ROWS)))
+    documents, segments, positions = (torch.tensor(t) for t in zip(*(row_tensors(groups, LENGTH) for groups in ROWS)))
     mask_mod = row_mask_mod(documents, segments, positions, WINDOW)
     batch = len(ROWS)
     cpu = torch.device("cpu")
@@ -92,7 +79,7 @@ def test_rows_exercise_the_block_structure():
     listed = blocks.to_dense()[:, 0].bool()  # [B, 3, 3] blocks visited
     assert not listed.all() and listed.tril(-1).any()
     assert (blocks.full_kv_num_blocks > 0).any()
-    documents, segments, positions = (torch.tensor(t) for t in zip(*map(row_tensors, ROWS)))
+    documents, segments, positions = (torch.tensor(t) for t in zip(*(row_tensors(groups, LENGTH) for groups in ROWS)))
     unwindowed = dense_mask(row_mask_mod(documents, segments, positions, None), len(ROWS),
                             LENGTH, torch.device("cpu"))
     assert (unwindowed & ~dense).any()
