@@ -1,9 +1,10 @@
 """Attention executors beside FlexAttention and dense SDPA, and FlexAttention's kernel choice.
 
-- `document_attention` runs attention per document (the "documents" executor of
-  `model.masks`): each bucket of documents is gathered from the rows into a padded batch,
-  attended with its own small mask by `scaled_dot_product_attention`, and scattered back, so
-  the work is the sum over documents of (length)^2 rather than L^2 per row.
+- `document_attention` runs attention per span (the "documents" executor of `model.masks`:
+  a span is a prompt, or one completion with its prompt's keys): each bucket of spans is
+  gathered from the rows into a padded batch, attended with its own small mask by
+  `scaled_dot_product_attention`, and scattered back, so the work per document is
+  prompt^2 + sum of completion x (prompt + completion) rather than L^2 per row.
 - `flex_kernel_options` turns a FlexAttention backend name (`FLEX_BACKENDS`) into the
   `kernel_options` that `flex_attention` takes, refusing with a ValueError what this torch or
   this machine cannot run. "flash" is FlexAttention's FlashAttention-4 backend
@@ -46,27 +47,35 @@ class _Regather(torch.autograd.Function):
 
 def document_attention(q: Tensor, k: Tensor, v: Tensor, mask: DocumentMask) -> Tensor:
     """Attention `[B, heads, L, head_dim]` of `q [B, heads, L, head_dim]` over `k`, `v`
-    `[B, kv_heads, L, head_dim]`, one bucket of documents at a time; equal to dense SDPA with
+    `[B, kv_heads, L, head_dim]`, one bucket of spans at a time; equal to dense SDPA with
     the full mask on every non-padding token (padding tokens attend to themselves only)."""
     batch, num_heads, seq_len, head_dim = q.shape
     assert (batch, seq_len) == (mask.batch_size, mask.seq_len), "mask built for other rows"
-    no_rows = mask.empty_slots[:0]
-    sizes = [m.shape[0] * m.shape[-1] for m in mask.masks]
+    no_rows = mask.empty_query_slots[:0]
 
-    def slots(x: Tensor) -> list[Tensor]:
-        """[B, h, L, d] -> per bucket [n, h, length, d], one document per batch entry; the
-        slots past a document's end are zeros."""
-        tokens = x.transpose(1, 2).reshape(batch * seq_len, x.shape[1], head_dim)
-        gathered = _Regather.apply(tokens, mask.slot_token, mask.token_slot, mask.empty_slots,
-                                   no_rows)  # [S, h, d]
-        return [part.view(m.shape[0], m.shape[-1], x.shape[1], head_dim).transpose(1, 2)
-                for m, part in zip(mask.masks, gathered.split(sizes))]
+    def tokens(x: Tensor) -> Tensor:
+        return x.transpose(1, 2).reshape(batch * seq_len, x.shape[1], head_dim)
 
+    def per_bucket(slots: Tensor, dim: int) -> list[Tensor]:
+        """[S, h, d] -> per bucket [n, h, length, d]; `dim` -1 (keys) or -2 (queries) of
+        each bucket's mask is its length."""
+        sizes = [m.shape[0] * m.shape[dim] for m in mask.masks]
+        return [part.view(m.shape[0], m.shape[dim], slots.shape[1], head_dim).transpose(1, 2)
+                for m, part in zip(mask.masks, slots.split(sizes))]
+
+    # Queries: each token in one slot, so gathering them back is a gather too. Keys and
+    # values: a prompt's are repeated for each of its completions, so their gradient is a
+    # sum (index_select's backward adds).
+    queries = _Regather.apply(tokens(q), mask.query_slot_token, mask.token_slot,
+                              mask.empty_query_slots, no_rows)
+    keys, values = (tokens(x).index_select(0, mask.key_slot_token) for x in (k, v))
     outputs = [F.scaled_dot_product_attention(q_b, k_b, v_b, attn_mask=m, enable_gqa=True)
-               for q_b, k_b, v_b, m in zip(slots(q), slots(k), slots(v), mask.masks)]
+               for q_b, k_b, v_b, m in zip(per_bucket(queries, -2), per_bucket(keys, -1),
+                                           per_bucket(values, -1), mask.masks)]
     out = torch.cat([o.transpose(1, 2).reshape(-1, num_heads, head_dim) for o in outputs])
     # Back to row order; the empty slots' outputs are dropped, so their gradient is zero.
-    out = _Regather.apply(out, mask.token_slot, mask.slot_token, no_rows, mask.empty_slots)
+    out = _Regather.apply(out, mask.token_slot, mask.query_slot_token, no_rows,
+                          mask.empty_query_slots)
     return out.view(batch, seq_len, num_heads, head_dim).transpose(1, 2)
 
 

@@ -10,10 +10,11 @@ executor (`EXECUTORS`; `build_attention_mask` builds the mask in the form each o
   tensor for `scaled_dot_product_attention` (FlexAttention has no backward on CPU). It pays
   L x L per row whatever the mask allows; it is the oracle the other executors are tested
   against.
-- "documents": `per_document_mask` cuts the rows into their documents (one prefix-shared group
-  each) and evaluates the same functions on each document alone, in buckets of similar
-  lengths, so attention costs the sum of (document length)^2 (`model.attention` runs it). For
-  CPU, or any device without FlexAttention.
+- "documents": `per_document_mask` cuts the rows into spans (a document's prompt, or one of
+  its completions, with the keys it may see: the prompt, then itself) and evaluates the same
+  functions on each span alone, in buckets of similar sizes, so attention costs per document
+  prompt^2 + sum of completion x (prompt + completion), under the paired layout's cost
+  (`model.attention` runs it). For CPU, or any device without FlexAttention.
 
 The rule for a query q and key k in one row (see DESIGN section 2):
     same document  and  k <= q  and  (segment[k] == 0  or  segment[k] == segment[q])
@@ -120,24 +121,30 @@ def block_mask(mask_mod: MaskMod, batch_size: int, seq_len: int, device: torch.d
 
 @dataclass(frozen=True)
 class DocumentMask:
-    """The mask in the form the "documents" executor takes: the rows cut into documents (a
-    document is a maximal run of one id in a row: one prefix-shared group), bucketed by length.
+    """The mask in the form the "documents" executor takes: the rows cut into *spans*, each
+    attended alone. A span is one segment of one document (a prompt, or one completion):
+    its queries are that segment's tokens, its keys the document's prompt followed by the
+    segment itself (a prompt's keys are the prompt). Nothing else can be visible to those
+    queries under the rule, and the span's mask is the rule itself, evaluated on the tokens'
+    own row indices, so a span sees exactly what the dense mask allows.
 
-    A bucket of `n` documents padded to `length` is `n * length` consecutive *slots*; slots of
-    all buckets in order make `[S]`. Each token sits in exactly one slot, so `slot_token` and
-    `token_slot` are inverse maps but for the *empty* slots past a document's end: those hold
-    zeros, come after the document, so no real query sees them (causal), and their outputs are
-    dropped. Every padding token is a document of its own, attending to itself only:
-    its output is finite and never read, and the attention weights stay in the autograd graph
-    even for a micro-batch of padding alone (sharded training reduces the same gradients on
-    every rank).
+    Spans are bucketed by (query length, key length). A bucket of `n` spans padded to `lq`
+    queries and `lk` keys is `n * lq` consecutive *query slots* and `n * lk` *key slots*; the
+    slots of all buckets in order make `[Sq]` and `[Sk]`. Each token is the query of exactly
+    one slot, so `query_slot_token` and `token_slot` are inverse maps but for the *empty*
+    query slots past a span's end (zeros, whose outputs are dropped); a key slot past a span's
+    end repeats a real token and its mask column is False. Every padding token is a span of
+    its own, attending to itself only: its output is finite and never read, and the attention
+    weights stay in the autograd graph even for a micro-batch of padding alone (sharded
+    training reduces the same gradients on every rank).
     """
 
-    slot_token: Tensor         # int64 [S]: the flat `[B * L]` index of each slot's token (an
-                               # empty slot repeats its document's last token)
-    token_slot: Tensor         # int64 [B * L]: each token's slot
-    empty_slots: Tensor        # int64 [E]: the slots past their document's end
-    masks: tuple[Tensor, ...]  # bool [n, 1, length, length] per bucket: each document alone
+    query_slot_token: Tensor   # int64 [Sq]: the flat `[B * L]` index of each query slot's
+                               # token (an empty slot repeats its span's last query)
+    token_slot: Tensor         # int64 [B * L]: each token's query slot
+    empty_query_slots: Tensor  # int64 [E]: the query slots past their span's end
+    key_slot_token: Tensor     # int64 [Sk]: the flat index of each key slot's token
+    masks: tuple[Tensor, ...]  # bool [n, 1, lq, lk] per bucket: each span alone
     batch_size: int
     seq_len: int
 
@@ -145,62 +152,91 @@ class DocumentMask:
 # What the model's attention takes, one form per executor.
 AttentionMask = Union[BlockMask, Tensor, DocumentMask]
 
-# Bucket bounds: 1 (padding tokens), then 16, 24, 32, 48, 64, 96, ... A bucket pads its
-# documents to its longest, under 1.5x a document's length (documents shorter than 16 cost
-# little anyway), so under 2.25x its work, while a micro-batch makes a few attention calls (two
-# per octave of lengths at most) rather than one per document.
+# Bucket bounds for query and key lengths: 1 (padding tokens), then 16, 24, 32, 48, 64,
+# 96, ... A bucket pads its spans to its longest, under 1.5x a span's length in each
+# dimension (lengths under 16 cost little anyway), so under 2.25x its work, while a
+# micro-batch makes a few attention calls (a few per octave of lengths) rather than one per
+# span.
 _BUCKET_BOUNDS = [1, 16] + [m << e for e in range(3, 30) for m in (3, 4)]
 
 
 def per_document_mask(document_ids: Tensor, segment_ids: Tensor, positions: Tensor,
                       sliding_window: int | None) -> DocumentMask:
-    """Cut `[B, L]` rows into documents and evaluate `row_mask_mod` on each document alone.
+    """Cut `[B, L]` rows into spans (see `DocumentMask`) and evaluate `row_mask_mod` on each.
 
-    Shapes (how many documents, how long) depend on the data, so this runs on the host: the
-    tensors are read on the CPU (a device sync if they live elsewhere, once per micro-batch)
-    and the result is put on their device.
+    Attention then costs, per document, prompt^2 + sum over completions of completion x
+    (prompt + completion): less than the paired layout's sum of (prompt + completion)^2, and
+    less than attending over the whole document. Shapes depend on the data, so this runs on
+    the host: the tensors are read on the CPU (a device sync if they live elsewhere, once per
+    micro-batch) and the result is put on their device.
     """
     device = document_ids.device
     batch_size, seq_len = document_ids.shape
-    documents, segments, places = (t.cpu().reshape(-1) for t in
-                                   (document_ids, segment_ids, positions))
+    rows_documents, rows_segments, rows_positions = (t.cpu() for t in
+                                                     (document_ids, segment_ids, positions))
+    documents, segments = rows_documents.reshape(-1), rows_segments.reshape(-1).long()
     num_tokens = documents.numel()
+    tokens = torch.arange(num_tokens)
     is_padding = documents == PADDING_DOCUMENT
-    starts = torch.ones(num_tokens, dtype=torch.bool)
-    starts[1:] = documents[1:] != documents[:-1]
-    starts[::seq_len] = True  # a document never crosses rows
-    starts |= is_padding
-    starts = starts.nonzero().squeeze(1)
-    lengths = torch.diff(starts, append=torch.tensor([num_tokens]))
-    # Each document's id occurs in one run only (else the dense rule would join the runs).
-    real = ~is_padding[starts]
-    row_and_id = (starts[real] // seq_len) * (int(documents.max()) + 1) + documents[starts[real]]
-    assert len(row_and_id.unique()) == len(row_and_id), "a document id occurs in two runs"
+    assert bool((documents >= PADDING_DOCUMENT).all()) and bool((segments >= 0).all())
+    # A group is one document of one row, or one padding token alone; a span is one segment
+    # of a group (a padding token's is segment 0, so its keys are itself).
+    num_ids = int(documents.max()) + 1 + seq_len
+    group_key = (tokens // seq_len) * num_ids + torch.where(
+        is_padding, int(documents.max()) + 1 + tokens % seq_len, documents.long())
+    segments = torch.where(is_padding, 0, segments)
+    group = torch.unique(group_key, return_inverse=True)[1]
+    span_key, span = torch.unique(group * (int(segments.max()) + 1) + segments,
+                                  return_inverse=True)
+    # Tokens sorted by span, in row order within one; span s is order[start[s]:][:count[s]].
+    order = torch.argsort(span, stable=True)
+    count = torch.bincount(span, minlength=len(span_key))
+    start = torch.cumsum(count, 0) - count
+    span_group, span_segment = group[order[start]], segments[order[start]]
+    prompt_span = torch.full((int(group.max()) + 1,), -1)
+    is_prompt = span_segment == 0
+    prompt_span[span_group[is_prompt]] = is_prompt.nonzero().squeeze(1)
+    # A completion's keys begin with its document's prompt (if it has one).
+    has_prompt = ~is_prompt & (prompt_span[span_group] >= 0)
+    own_prompt = prompt_span[span_group].clamp(min=0)
+    prompt_length = torch.where(has_prompt, count[own_prompt], 0)
+    prompt_start = start[own_prompt]
+    num_keys = prompt_length + count
 
-    bucket_of = torch.bucketize(lengths, torch.tensor(_BUCKET_BOUNDS))  # smallest bound >= it
-    slot_tokens, filled, masks = [], [], []
+    bounds = torch.tensor(_BUCKET_BOUNDS)
+    query_bucket = torch.bucketize(count, bounds)  # smallest bound >= it
+    bucket_of = query_bucket * len(bounds) + torch.bucketize(num_keys, bounds)
+    query_tokens, key_tokens, filled, masks = [], [], [], []
+    mask_mod = row_mask_mod(rows_documents, rows_segments, rows_positions, sliding_window)
     for bucket in bucket_of.unique().tolist():
         chosen = bucket_of == bucket
-        first, count = starts[chosen, None], lengths[chosen, None]  # [n, 1]
-        n, length = len(first), int(count.max())
-        offset = torch.arange(length)
-        # Past its end a document repeats its last token's ids: the mask row of such a slot
-        # sees the document, so no query row is all False (SDPA would give NaN).
-        clamped = first + torch.minimum(offset, count - 1)  # [n, length]
-        mask_mod = row_mask_mod(documents[clamped], segments[clamped], places[clamped],
-                                sliding_window)
-        masks.append(dense_mask(mask_mod, n, length, torch.device("cpu")).to(device))
-        slot_tokens.append(clamped.reshape(-1))
-        filled.append((offset < count).reshape(-1))
-    slot_token, filled = torch.cat(slot_tokens), torch.cat(filled)
+        first, queries = start[chosen, None], count[chosen, None]  # [n, 1]
+        prompt_first, prompts = prompt_start[chosen, None], prompt_length[chosen, None]
+        keys = num_keys[chosen, None]
+        query_offset = torch.arange(int(queries.max()))
+        key_offset = torch.arange(int(keys.max()))
+        # Past its end a span repeats its last query, so no query row is all False (SDPA
+        # would give NaN); its key slots past the end repeat its last key, masked out.
+        query = order[first + torch.minimum(query_offset, queries - 1)]  # [n, lq]
+        in_span = (key_offset - prompts).clamp(min=0)
+        key = order[torch.where(key_offset < prompts, prompt_first + key_offset,
+                                first + torch.minimum(in_span, queries - 1))]  # [n, lk]
+        row = (query[:, :1] // seq_len)[:, :, None, None]  # [n, 1, 1, 1]
+        allowed = mask_mod(row, torch.zeros_like(row), (query % seq_len)[:, None, :, None],
+                           (key % seq_len)[:, None, None, :])
+        masks.append((allowed & (key_offset < keys)[:, None, None, :]).to(device))
+        query_tokens.append(query.reshape(-1))
+        key_tokens.append(key.reshape(-1))
+        filled.append((query_offset < queries).reshape(-1))
+    query_slot_token, filled = torch.cat(query_tokens), torch.cat(filled)
     real_slots = filled.nonzero().squeeze(1)
     token_slot = torch.full((num_tokens,), -1, dtype=torch.int64)
-    token_slot[slot_token[real_slots]] = real_slots
+    token_slot[query_slot_token[real_slots]] = real_slots
     assert len(real_slots) == num_tokens and bool((token_slot >= 0).all()), \
-        "every token is in exactly one slot"
-    return DocumentMask(slot_token.to(device), token_slot.to(device),
-                        (~filled).nonzero().squeeze(1).to(device), tuple(masks), batch_size,
-                        seq_len)
+        "every token is the query of exactly one slot"
+    return DocumentMask(query_slot_token.to(device), token_slot.to(device),
+                        (~filled).nonzero().squeeze(1).to(device),
+                        torch.cat(key_tokens).to(device), tuple(masks), batch_size, seq_len)
 
 
 def build_attention_mask(document_ids: Tensor, segment_ids: Tensor, positions: Tensor,

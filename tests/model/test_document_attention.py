@@ -1,7 +1,8 @@
-"""The "documents" executor (attention per document, `model.attention.document_attention`)
-against the dense oracle: values and gradients, at the attention level on random q/k/v and
-through the model on loader batches; the per-document masks are the dense mask's diagonal
-blocks; padding stays finite and keeps every parameter in the autograd graph.
+"""The "documents" executor (attention per span of a document,
+`model.attention.document_attention`) against the dense oracle: values and gradients, at the
+attention level on random q/k/v and through the model on loader batches; the span masks cover
+the dense mask exactly once; padding stays finite and keeps every parameter in the autograd
+graph.
 
 Everything runs in float64, so the tolerance (1e-10) is far below any mask error (O(1e-2)).
 Padding tokens differ by design (dense: padding sees earlier padding; documents: itself only)
@@ -74,51 +75,78 @@ def test_attention_values_and_gradients_equal_dense(window):
     assert torch.equal(ours.transpose(1, 2)[padding], own_value.transpose(1, 2)[padding])
 
 
-def documents_in(mask: DocumentMask):
-    """(bucket mask, index in the bucket, row, first column, length) of every document."""
-    slot = 0
+def spans_in(mask: DocumentMask):
+    """(bucket mask, index in the bucket, query tokens, key tokens) of every span; tokens are
+    flat `[B * L]` indices, the query tokens without the empty slots (the keys with theirs)."""
+    query_slot, key_slot = 0, 0
+    empty = set(mask.empty_query_slots.tolist())
     for bucket in mask.masks:
-        n, length = bucket.shape[0], bucket.shape[-1]
+        n, _, num_queries, num_keys = bucket.shape
         for i in range(n):
-            tokens = mask.slot_token[slot:slot + length]
-            empty = (mask.empty_slots >= slot) & (mask.empty_slots < slot + length)
-            size = length - int(empty.sum())
-            assert torch.equal(tokens[:size], torch.arange(size) + tokens[0]), "one run"
-            yield bucket, i, *divmod(int(tokens[0]), mask.seq_len), size
-            slot += length
+            slots = range(query_slot, query_slot + num_queries)
+            queries = mask.query_slot_token[[s for s in slots if s not in empty]]
+            yield bucket, i, queries, mask.key_slot_token[key_slot:key_slot + num_keys]
+            query_slot += num_queries
+            key_slot += num_keys
 
 
 @pytest.mark.parametrize("window", [None, 5])
-def test_document_masks_are_the_dense_diagonal_blocks(window):
-    """Each document's own mask is the dense mask restricted to its rows and columns, and
-    the dense mask allows no pair of real tokens outside those diagonal blocks."""
+def test_span_masks_cover_the_dense_mask_once(window):
+    """Every real query sees, through its span's mask, each key the dense mask allows it
+    exactly once and nothing else; a span holds one segment of one document, whose tokens are
+    its queries, and is as short as the rule allows: a completion's keys are its prompt and
+    itself, a prompt's the prompt."""
     documents, segments, positions = row_batch()
+    num_tokens = documents.numel()
     dense = dense_mask(row_mask_mod(documents, segments, positions, window), len(ROWS), LENGTH,
                        torch.device("cpu"))[:, 0]
+    allowed = torch.zeros(num_tokens, num_tokens, dtype=torch.int64)  # flat query x flat key
+    for row in range(len(ROWS)):
+        block = slice(row * LENGTH, (row + 1) * LENGTH)
+        allowed[block, block] = dense[row].long()
+    flat_documents, flat_segments = documents.reshape(-1), segments.reshape(-1)
+    seen = torch.zeros_like(allowed)
     mask = per_document_mask(documents, segments, positions, window)
-    covered = torch.zeros_like(dense)
-    for bucket, i, row, start, size in documents_in(mask):
-        block = (row, slice(start, start + size), slice(start, start + size))
-        assert torch.equal(bucket[i, 0, :size, :size], dense[block])
-        covered[block] = True
-    real = documents != PADDING_DOCUMENT
-    assert not (dense & real[:, :, None] & real[:, None, :] & ~covered).any()
+    for bucket, i, queries, keys in spans_in(mask):
+        rows = bucket[i, 0, :len(queries)]
+        seen.index_put_((queries[:, None].expand_as(rows), keys.expand_as(rows)), rows.long(),
+                        accumulate=True)
+        assert len((flat_documents[queries] * 1000 + flat_segments[queries]).unique()) == 1
+        if flat_documents[queries[0]] == PADDING_DOCUMENT:
+            assert len(queries) == 1 and bool(rows.any())
+            continue
+        same_document = (flat_documents == flat_documents[queries[0]]) & \
+            (torch.arange(num_tokens) // LENGTH == queries[0] // LENGTH)
+        segment = int(flat_segments[queries[0]])
+        expected = same_document & ((flat_segments == 0) | (flat_segments == segment))
+        assert torch.equal(queries, (same_document & (flat_segments == segment)).nonzero()[:, 0])
+        assert int(rows.any(0).sum()) <= int(expected.sum()) <= keys.shape[0] < 1.5 * \
+            int(expected.sum()) + 16
+    real = (documents != PADDING_DOCUMENT).reshape(-1)
+    assert torch.equal(seen[real], allowed[real])
+    assert torch.equal(seen[~real], torch.eye(num_tokens, dtype=torch.int64)[~real])
 
 
 def test_buckets_bound_the_padding():
-    """Documents of many lengths: a few buckets, each padded to under 1.5x its shortest
-    document (documents up to 16 tokens share one), so the work stays under 2.25x the sum of
-    squared document lengths."""
+    """Spans of many sizes: a few buckets, each padded to under 1.5x its shortest span in
+    queries and in keys (spans up to 16 share one), so the work stays under 2.25x the sum over
+    spans of queries x keys."""
+    # One document per prompt length, with two completions of its length (or none).
     lengths = [3, 5, 17, 18, 30, 33, 47, 64, 65, 100, 190, 200, 250]
-    documents = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])[None]
-    zeros = torch.zeros_like(documents)
-    mask = per_document_mask(documents, zeros, zeros, None)
-    assert 1 < len(mask.masks) < len(lengths)
-    assert sorted(size for *_, size in documents_in(mask)) == lengths
-    for bucket, _, _, _, size in documents_in(mask):
-        assert bucket.shape[-1] <= 16 or bucket.shape[-1] < 1.5 * size
-    work = sum(m.shape[0] * m.shape[-1] ** 2 for m in mask.masks)
-    assert work < 2.25 * sum(n * n for n in lengths)
+    groups = [(n, (n // 2, n // 3 + 1) if i % 2 else ()) for i, n in enumerate(lengths)]
+    row = row_tensors(groups, sum(p + sum(c) for p, c in groups))
+    mask = per_document_mask(*(torch.tensor(x)[None] for x in row), None)
+    spans = [(p, p) for p, _ in groups] + [(c, p + c) for p, cs in groups for c in cs]
+    assert 1 < len(mask.masks) < len(spans)
+    sizes = sorted((len(q), int(m[i, 0].any(0).sum())) for m, i, q, _ in spans_in(mask))
+    assert sizes == sorted(spans)
+    for bucket, i, queries, _ in spans_in(mask):
+        _, _, num_queries, num_keys = bucket.shape
+        keys = int(bucket[i, 0].any(0).sum())
+        assert num_queries <= 16 or num_queries < 1.5 * len(queries)
+        assert num_keys <= 16 or num_keys < 1.5 * keys
+    work = sum(m.shape[0] * m.shape[-2] * m.shape[-1] for m in mask.masks)
+    assert work < 2.25 * sum(q * k for q, k in spans)
 
 
 def loader_batches(config, rows: int = 3):
