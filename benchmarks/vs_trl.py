@@ -59,8 +59,7 @@ where the tokens agree. A failed check exits with status 1 after the report.
 
 `--tiny` (for CI, well under a minute on 2 cores): 8 pairs, 4 per step, 1 warm-up step and 2
 rounds of 1 step, a 2-layer model, and a byte-level BPE tokenizer of 512 ids trained on those
-pairs (the SmolLM2 tokenizer's kind; SentencePiece tokenizers such as the shipped Mistral one
-never agree with TRL at the prompt/completion boundary, see `token_differences`).
+pairs (the SmolLM2 tokenizer's kind, so that the tiny vocabulary covers it).
 
 The script is longer than the project's usual ~500 lines because it is one runnable file: the
 data selection shared by all processes, the two workers, the driver and the report.
@@ -235,8 +234,8 @@ def token_differences(trl: tuple[list[int], list[int]], ours: tuple[list[int], l
     if trl_prompt + trl_completion == our_prompt + our_completion:
         reasons.append("same tokens, split differently into prompt and completion")
     elif trl_prompt == our_prompt:
-        reasons.append("completion starts differently (ours encodes the completion alone, TRL "
-                       "encodes prompt + completion together)"
+        reasons.append("completion starts differently (tokens merged across the boundary: "
+                       "ours is then the completion encoded alone)"
                        if trl_completion[:1] != our_completion[:1] else
                        "completion tokens differ after its start")
     else:

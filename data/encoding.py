@@ -1,6 +1,7 @@
 """Parsed preferences -> tokenized `Example`s: tokenization policy, then truncation.
 
-The policy itself (separate prompt/completion encoding, BOS and EOS) is the tokenizer's, see
+The policy itself (a completion's ids are what follows the prompt's in the whole text; BOS
+and EOS) is the tokenizer's, see
 data/tokenizer.py; conversations are first turned into prompt and completion text by the chat
 template (data/chat_template.py). All texts of a batch of rows are encoded in one
 `encode_batch` call (identical texts once), which is what makes this fast.
@@ -32,8 +33,9 @@ def encode_preferences(preferences: Sequence[tuple[int, Preference]], tokenizer:
     def slot(text: str) -> int:
         return slots.setdefault(text, len(slots))
 
-    # Per row: [(prompt ref, [completion refs])] per group, where a ref is a text slot (int)
-    # or, for pre-tokenized rows, the ids themselves (tuple).
+    # Per row: [(prompt ref, [completion refs])] per group, where a prompt ref is a text slot
+    # (int), a completion ref a pair of slots (the completion alone, prompt+completion), and
+    # for pre-tokenized rows either is the ids themselves (tuple).
     plans: list[list[tuple] | RowError] = []
     for _, preference in preferences:
         try:
@@ -69,7 +71,7 @@ def _plan(preference: Preference, slot, chat_template: ChatTemplate | None) -> l
     plan = []
     for group in preference.groups:
         if preference.kind == TEXT:
-            plan.append((slot(group.prompt), [slot(c) for c in group.completions]))
+            plan.append(_text_refs(group.prompt, group.completions, slot))
         elif preference.kind == CHAT:
             if chat_template is None:
                 raise ValueError("conversational data needs a chat template")
@@ -77,11 +79,15 @@ def _plan(preference: Preference, slot, chat_template: ChatTemplate | None) -> l
                 prompt_text, texts = chat_template.split(group.prompt, group.completions)
             except ChatTemplateError as e:
                 raise RowError(preference.location, str(e)) from None
-            plan.append((slot(prompt_text), [slot(t) for t in texts]))
+            plan.append(_text_refs(prompt_text, texts, slot))
         else:
             assert preference.kind == IDS, preference.kind
             plan.append((group.prompt, list(group.completions)))
     return plan
+
+
+def _text_refs(prompt: str, completions: Sequence[str], slot) -> tuple:
+    return slot(prompt), [(slot(c), slot(prompt + c)) for c in completions]
 
 
 def _arrays(preference: Preference, prompt_ref, completion_refs, encoded: list[list[int]],
@@ -103,4 +109,6 @@ def _arrays(preference: Preference, prompt_ref, completion_refs, encoded: list[l
                        "field 'prompt': the prompt is empty and the tokenizer adds no BOS token, "
                        "so the first completion token has nothing to be predicted from; give a "
                        "non-empty prompt")
-    return prompt, [tokenizer.completion_ids(encoded[ref]) for ref in completion_refs]
+    prompt_text = encoded[prompt_ref]
+    return prompt, [tokenizer.completion_after(prompt_text, encoded[whole], encoded[alone])
+                    for alone, whole in completion_refs]

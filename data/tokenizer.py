@@ -10,12 +10,14 @@ tokenizer.json (GPT-2's has `max_length: 50`) are switched off: we never cut tex
 Policy, the same for every data format:
 - Text is always encoded WITHOUT the post-processor's special tokens; BOS and EOS are added here,
   so no tokenizer adds them twice.
-- The prompt and each completion are encoded SEPARATELY and concatenated, so the prompt's ids are
-  identical for all its completions (the point of prefix sharing). Byte-level tokenizers (Llama
-  3, SmolLM2, GPT-2) give the same ids as encoding prompt+completion together. SentencePiece-style
-  ones (Llama 2, Mistral) do not: the completion starts as a new text would, with a leading
-  `"▁"` piece, where TRL (1.16) encodes prompt+completion together and keeps what follows the
-  prompt's ids.
+- The prompt is encoded alone, so its ids are identical for all its completions (the point of
+  prefix sharing). A completion's ids are what follows the prompt's ids in the encoding of
+  prompt+completion: the tokens the model reads in the whole text (TRL 1.16 does the same).
+  Byte-level tokenizers (Llama 3, SmolLM2, GPT-2) give the same ids as encoding the completion
+  alone; SentencePiece-style ones (Llama 2, Mistral) would start a completion encoded alone with
+  a `"▁"` piece the whole text does not have. Where the encoding of the whole text does not
+  begin with the prompt's ids (tokens merged across the boundary), the completion is encoded
+  alone.
 - A prompt gets BOS in front when the tokenizer adds BOS to plain text, unless its ids already
   start with BOS (a chat template that writes the `bos_token` text).
 - A completion ends with EOS: the EOS id is appended unless its ids already end with it (a chat
@@ -147,6 +149,16 @@ class Tokenizer:
         if len(ids) and ids[-1] == self.eos_id:
             return np.array(ids, dtype=np.int32)
         return np.array([*ids, self.eos_id], dtype=np.int32)
+
+    def completion_after(self, prompt: Sequence[int], whole: Sequence[int],
+                         alone: Sequence[int]) -> np.ndarray:
+        """A completion's ids, ending with EOS, from the encoded texts (no special tokens) of
+        its prompt, of prompt+completion, and of the completion alone: what follows the
+        prompt's ids in the whole, or the completion alone where the whole does not begin
+        with the prompt's ids."""
+        n = len(prompt)
+        follows = len(whole) > n and list(whole[:n]) == list(prompt)
+        return self.completion_ids(whole[n:] if follows else alone)
 
     def encode_prompts(self, texts: Sequence[str]) -> list[np.ndarray]:
         return [self.prompt_ids(ids) for ids in self.encode(texts)]

@@ -270,7 +270,13 @@ def test_hh_rlhf_with_the_mistral_tokenizer():
     first = next(iter(read_rows(str(file)))).value
     cut = first["chosen"].rfind("\n\nAssistant:") + len("\n\nAssistant:")
     group, = data.examples[0].groups
-    assert group.prompt.tolist() == [1, *tok.encode([first["chosen"][:cut]])[0]]
-    assert group.completions[0].tolist() == [*tok.encode([first["chosen"][cut:]])[0], 2]
+    prompt_ids, whole, alone = tok.encode([first["chosen"][:cut], first["chosen"],
+                                           first["chosen"][cut:]])
+    assert group.prompt.tolist() == [1, *prompt_ids]
+    # The completion is what follows the prompt in the whole transcript's ids: no "▁" piece
+    # of its own in front, as encoding " I ..." alone gives with SentencePiece.
+    assert whole[:len(prompt_ids)] == prompt_ids
+    assert group.completions[0].tolist() == [*whole[len(prompt_ids):], 2]
+    assert alone[1:] == whole[len(prompt_ids):] and tok.decode(alone[:1]) == ""
     assert len(data.examples) == 300 and all(
         e.groups[0].completions[0][-1] == 2 and e.groups[0].prompt[0] == 1 for e in data.examples)

@@ -134,3 +134,18 @@ def test_sentencepiece_leading_space_is_kept_as_in_tokenizer_json():
     tok = Tokenizer.from_folder(shared_tokenizer("mistral-7b-v0.1"))
     ids = tok.encode_completions([" I think"])[0].tolist()
     assert [tok.backend.id_to_token(i) for i in ids] == ["▁", "▁I", "▁think", "</s>"]
+
+
+def test_completion_is_what_follows_the_prompt_in_the_whole_text():
+    """With SentencePiece, " I think" after a prompt is "▁I", "▁think" in the whole transcript
+    (what the model reads), not the "▁", "▁I", ... of the text alone; where the whole text's
+    ids do not begin with the prompt's (tokens merged across the boundary), the completion is
+    the text alone, so the prompt's ids stay the same for every completion."""
+    tok = Tokenizer.from_folder(shared_tokenizer("mistral-7b-v0.1"))
+    prompt, completion = "\n\nHuman: Hi\n\nAssistant:", " I think"
+    prompt_ids, whole, alone = tok.encode([prompt, prompt + completion, completion])
+    ids = tok.completion_after(prompt_ids, whole, alone).tolist()
+    assert [tok.backend.id_to_token(i) for i in ids] == ["▁I", "▁think", "</s>"]
+    assert tok.completion_after([5, 6], [5, 6, 7, 8], [9, 7, 8]).tolist() == [7, 8, 2]
+    assert tok.completion_after([5, 6], [5, 10, 8], [9, 7, 8]).tolist() == [9, 7, 8, 2]
+    assert tok.completion_after([5, 6], [5, 6], []).tolist() == [2]  # empty: EOS alone
