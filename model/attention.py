@@ -1,10 +1,10 @@
 """Attention executors beside FlexAttention and dense SDPA, and FlexAttention's kernel choice.
 
 - `document_attention` runs attention per span (the "documents" executor of `model.masks`:
-  a span is a prompt, or one completion with its prompt's keys): each bucket of spans is
-  gathered from the rows into a padded batch, attended with its own small mask by
-  `scaled_dot_product_attention`, and scattered back, so the work per document is
-  prompt^2 + sum of completion x (prompt + completion) rather than L^2 per row.
+  a span is a document's prompt followed by one of its completions): each bucket of spans is
+  gathered from the rows into a padded batch, attended causally or with its own small mask by
+  `scaled_dot_product_attention`, and scattered back, so the work follows the documents
+  rather than L^2 per row, and never exceeds the paired layout's.
 - `flex_kernel_options` turns a FlexAttention backend name (`FLEX_BACKENDS`) into the
   `kernel_options` that `flex_attention` takes, refusing with a ValueError what this torch or
   this machine cannot run. "flash" is FlexAttention's FlashAttention-4 backend
@@ -56,12 +56,11 @@ def document_attention(q: Tensor, k: Tensor, v: Tensor, mask: DocumentMask) -> T
     def tokens(x: Tensor) -> Tensor:
         return x.transpose(1, 2).reshape(batch * seq_len, x.shape[1], head_dim)
 
-    def per_bucket(slots: Tensor, dim: int) -> list[Tensor]:
-        """[S, h, d] -> per bucket [n, h, length, d]; `dim` -1 (keys) or -2 (queries) of
-        each bucket's mask is its length."""
-        sizes = [m.shape[0] * m.shape[dim] for m in mask.masks]
-        return [part.view(m.shape[0], m.shape[dim], slots.shape[1], head_dim).transpose(1, 2)
-                for m, part in zip(mask.masks, slots.split(sizes))]
+    def per_bucket(slots: Tensor, lengths: list[int]) -> list[Tensor]:
+        """[S, h, d] -> per bucket [n, h, length, d]."""
+        sizes = [n * length for (n, _, _), length in zip(mask.shapes, lengths)]
+        return [part.view(n, length, slots.shape[1], head_dim).transpose(1, 2)
+                for (n, _, _), length, part in zip(mask.shapes, lengths, slots.split(sizes))]
 
     # Queries: each token in one slot, so gathering them back is a gather too. Keys and
     # values: a prompt's are repeated for each of its completions, so their gradient is a
@@ -69,9 +68,12 @@ def document_attention(q: Tensor, k: Tensor, v: Tensor, mask: DocumentMask) -> T
     queries = _Regather.apply(tokens(q), mask.query_slot_token, mask.token_slot,
                               mask.empty_query_slots, no_rows)
     keys, values = (tokens(x).index_select(0, mask.key_slot_token) for x in (k, v))
-    outputs = [F.scaled_dot_product_attention(q_b, k_b, v_b, attn_mask=m, enable_gqa=True)
-               for q_b, k_b, v_b, m in zip(per_bucket(queries, -2), per_bucket(keys, -1),
-                                           per_bucket(values, -1), mask.masks)]
+    query_lengths, key_lengths = [lq for _, lq, _ in mask.shapes], [lk for *_, lk in mask.shapes]
+    outputs = [F.scaled_dot_product_attention(q_b, k_b, v_b, attn_mask=m, is_causal=m is None,
+                                              enable_gqa=True)
+               for q_b, k_b, v_b, m in zip(per_bucket(queries, query_lengths),
+                                           per_bucket(keys, key_lengths),
+                                           per_bucket(values, key_lengths), mask.masks)]
     out = torch.cat([o.transpose(1, 2).reshape(-1, num_heads, head_dim) for o in outputs])
     # Back to row order; the empty slots' outputs are dropped, so their gradient is zero.
     out = _Regather.apply(out, mask.token_slot, mask.query_slot_token, no_rows,

@@ -76,26 +76,28 @@ def test_attention_values_and_gradients_equal_dense(window):
 
 
 def spans_in(mask: DocumentMask):
-    """(bucket mask, index in the bucket, query tokens, key tokens) of every span; tokens are
-    flat `[B * L]` indices, the query tokens without the empty slots (the keys with theirs)."""
+    """(mask [lq, lk] (a causal bucket's materialized), real query slots of the span (offsets),
+    their tokens, key tokens, causal?) of every span; tokens are flat `[B * L]` indices."""
     query_slot, key_slot = 0, 0
     empty = set(mask.empty_query_slots.tolist())
-    for bucket in mask.masks:
-        n, _, num_queries, num_keys = bucket.shape
+    for (n, lq, lk), bucket in zip(mask.shapes, mask.masks):
         for i in range(n):
-            slots = range(query_slot, query_slot + num_queries)
-            queries = mask.query_slot_token[[s for s in slots if s not in empty]]
-            yield bucket, i, queries, mask.key_slot_token[key_slot:key_slot + num_keys]
-            query_slot += num_queries
-            key_slot += num_keys
+            rows = bucket[i, 0] if bucket is not None else \
+                torch.ones(lq, lk, dtype=torch.bool).tril()
+            real = [j for j in range(lq) if query_slot + j not in empty]
+            queries = mask.query_slot_token[[query_slot + j for j in real]]
+            yield (rows, real, queries, mask.key_slot_token[key_slot:key_slot + lk],
+                   bucket is None)
+            query_slot += lq
+            key_slot += lk
 
 
 @pytest.mark.parametrize("window", [None, 5])
 def test_span_masks_cover_the_dense_mask_once(window):
     """Every real query sees, through its span's mask, each key the dense mask allows it
-    exactly once and nothing else; a span holds one segment of one document, whose tokens are
-    its queries, and is as short as the rule allows: a completion's keys are its prompt and
-    itself, a prompt's the prompt."""
+    exactly once and nothing else; a span's keys are one document's prompt and at most one
+    completion; without a window, completions long against their prompt run causally, and a
+    document's first completion hosts its prompt's queries."""
     documents, segments, positions = row_batch()
     num_tokens = documents.numel()
     dense = dense_mask(row_mask_mod(documents, segments, positions, window), len(ROWS), LENGTH,
@@ -107,46 +109,48 @@ def test_span_masks_cover_the_dense_mask_once(window):
     flat_documents, flat_segments = documents.reshape(-1), segments.reshape(-1)
     seen = torch.zeros_like(allowed)
     mask = per_document_mask(documents, segments, positions, window)
-    for bucket, i, queries, keys in spans_in(mask):
-        rows = bucket[i, 0, :len(queries)]
+    num_causal = 0
+    for rows, real, queries, keys, causal in spans_in(mask):
+        rows = rows[real]
         seen.index_put_((queries[:, None].expand_as(rows), keys.expand_as(rows)), rows.long(),
                         accumulate=True)
-        assert len((flat_documents[queries] * 1000 + flat_segments[queries]).unique()) == 1
-        if flat_documents[queries[0]] == PADDING_DOCUMENT:
-            assert len(queries) == 1 and bool(rows.any())
-            continue
-        same_document = (flat_documents == flat_documents[queries[0]]) & \
-            (torch.arange(num_tokens) // LENGTH == queries[0] // LENGTH)
-        segment = int(flat_segments[queries[0]])
-        expected = same_document & ((flat_segments == 0) | (flat_segments == segment))
-        assert torch.equal(queries, (same_document & (flat_segments == segment)).nonzero()[:, 0])
-        assert int(rows.any(0).sum()) <= int(expected.sum()) <= keys.shape[0] < 1.5 * \
-            int(expected.sum()) + 16
+        in_span = torch.zeros(num_tokens, dtype=torch.bool)
+        in_span[keys[rows.any(0)]] = True
+        assert len((flat_documents[in_span] + 1000 * (keys[0] // LENGTH)).unique()) == 1
+        assert len(flat_segments[in_span].unique()) <= 2
+        num_causal += causal
     real = (documents != PADDING_DOCUMENT).reshape(-1)
     assert torch.equal(seen[real], allowed[real])
     assert torch.equal(seen[~real], torch.eye(num_tokens, dtype=torch.int64)[~real])
+    if window is None:
+        assert 0 < num_causal < len(list(spans_in(mask)))
+        # A span per completion (the first with its prompt's queries), and one per padding
+        # token: rows of 77, 96, 38 and 0 tokens of documents.
+        num_completions = sum(len(c) for groups in ROWS for _, c in groups)
+        num_padding = sum(LENGTH - n for n in (77, 96, 38, 0))
+        assert len(list(spans_in(mask))) == num_completions + num_padding
 
 
 def test_buckets_bound_the_padding():
     """Spans of many sizes: a few buckets, each padded to under 1.5x its shortest span in
-    queries and in keys (spans up to 16 share one), so the work stays under 2.25x the sum over
-    spans of queries x keys."""
-    # One document per prompt length, with two completions of its length (or none).
+    queries and in keys (spans up to 16 share one), so the work stays under 2.25x the sum
+    over spans of queries x keys."""
+    # One document per prompt length, with two completions (or none).
     lengths = [3, 5, 17, 18, 30, 33, 47, 64, 65, 100, 190, 200, 250]
     groups = [(n, (n // 2, n // 3 + 1) if i % 2 else ()) for i, n in enumerate(lengths)]
     row = row_tensors(groups, sum(p + sum(c) for p, c in groups))
     mask = per_document_mask(*(torch.tensor(x)[None] for x in row), None)
-    spans = [(p, p) for p, _ in groups] + [(c, p + c) for p, cs in groups for c in cs]
-    assert 1 < len(mask.masks) < len(spans)
-    sizes = sorted((len(q), int(m[i, 0].any(0).sum())) for m, i, q, _ in spans_in(mask))
-    assert sizes == sorted(spans)
-    for bucket, i, queries, _ in spans_in(mask):
-        _, _, num_queries, num_keys = bucket.shape
-        keys = int(bucket[i, 0].any(0).sum())
-        assert num_queries <= 16 or num_queries < 1.5 * len(queries)
-        assert num_keys <= 16 or num_keys < 1.5 * keys
-    work = sum(m.shape[0] * m.shape[-2] * m.shape[-1] for m in mask.masks)
-    assert work < 2.25 * sum(q * k for q, k in spans)
+    spans = list(spans_in(mask))
+    assert 1 < len(mask.shapes) < len(spans)
+    for rows, real, queries, keys, causal in spans:
+        lq, lk = rows.shape
+        num_keys = int(rows[real].any(0).sum())
+        num_queries = num_keys if causal else len(queries)
+        assert lq <= 16 or lq < 1.5 * num_queries
+        assert lk <= 16 or lk < 1.5 * num_keys
+    work = sum(n * lq * lk for n, lq, lk in mask.shapes)
+    assert work < 2.25 * sum(len(rows[real].any(0).nonzero()) * (
+        rows.shape[0] if causal else len(queries)) for rows, real, queries, _, causal in spans)
 
 
 def loader_batches(config, rows: int = 3):
