@@ -171,8 +171,15 @@ class CheckpointReader:
 
     def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Rows `[start:stop)` of dim 0 of tensor `name` (all of it by default), in its stored
-        dtype, on the CPU; nothing else of the file is read."""
+        dtype, on the CPU; nothing else of the file is read. NaN or infinite values are refused
+        (a damaged or diverged checkpoint would otherwise train to NaN losses)."""
         rows = _read_rows(self.tensors[name], start, stop)
+        # By blocks of rows: a whole-tensor mask of a large embedding would be another copy.
+        if rows.numel() and not all(bool(torch.isfinite(block).all())
+                                    for block in rows.split(1024)):
+            stored = self.tensors[name]
+            raise ValueError(f"{stored.file}: tensor {stored.hf_name!r} holds NaN or infinite "
+                             "values; the checkpoint is damaged or comes from a diverged run")
         if name == "embed_tokens.weight" and self.tied_head is not None:
             if not torch.equal(rows, _read_rows(self.tied_head, start, stop)):
                 raise ValueError(f"{self.model_dir}: tie_word_embeddings is true but "

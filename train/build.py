@@ -99,14 +99,17 @@ class RunData:
 
 
 def load_run_data(config: DataConfig, tokenizer: Tokenizer, seed: int,
-                  progress: bool) -> RunData:
+                  progress: bool, max_positions: int = 0) -> RunData:
     """Training and evaluation examples, fitted to the layout's rows. Evaluation data is a
-    separate file (`eval_path`) or `eval_fraction` of the examples held out by `seed`."""
+    separate file (`eval_path`) or `eval_fraction` of the examples held out by `seed`.
+    `max_positions`: the model's max_position_embeddings, which bounds packing_length "auto"."""
     loaded = load_preference_data(config, tokenizer, progress=progress)
     examples = loaded.examples
+    eval_locations = loaded.locations
     if config.eval_path:
-        eval_examples = load_preference_data(config, tokenizer, path=config.eval_path,
-                                             progress=progress).examples
+        eval_loaded = load_preference_data(config, tokenizer, path=config.eval_path,
+                                           progress=progress)
+        eval_examples, eval_locations = eval_loaded.examples, eval_loaded.locations
     elif config.eval_fraction:
         order = np.random.default_rng([seed, 7]).permutation(len(examples))
         num_eval = max(1, round(config.eval_fraction * len(examples)))
@@ -115,10 +118,13 @@ def load_run_data(config: DataConfig, tokenizer: Tokenizer, seed: int,
         examples = [e for i, e in enumerate(examples) if i not in held_out]
     else:
         eval_examples = []
-    train, fit = fit_examples(examples, config.layout, config.packing_length, config.overlong)
+    train, fit = fit_examples(examples, config.layout, config.packing_length, config.overlong,
+                              max_positions, loaded.locations)
     num_eval_truncated = 0
     if eval_examples:
         eval_examples, eval_fit = fit_examples(eval_examples, config.layout,
-                                               fit.packing_length or "auto", config.overlong)
+                                               fit.packing_length or "auto", config.overlong,
+                                               max_positions if not fit.packing_length else 0,
+                                               eval_locations)
         num_eval_truncated = eval_fit.num_truncated
     return RunData(train, eval_examples, fit, loaded, num_eval_truncated)

@@ -9,14 +9,19 @@ A checkpoint is a folder `output_dir/step_00000100/` holding
 It is written to a hidden `.step_00000100.tmp/` and renamed into place only when every rank's
 part is on disk, so a crash or a full disk mid-save leaves the previous checkpoints whole.
 Older checkpoints beyond `keep_last` are deleted after the rename. Only folders with a
-`train_state.json` count as checkpoints. Our own files are JSON and safetensors; DCP keeps its
-`.metadata` as a pickle, so resume only from checkpoints you wrote.
+`train_state.json` count as checkpoints; pruning deletes that marker first. Our own files are
+JSON and safetensors. DCP keeps its `.metadata` as a pickle and its non-tensor entries as
+`torch.save` blobs: the metadata is read first with only DCP's metadata types allowed, and the
+blobs with `weights_only=True`, but checkpoints remain trusted input: resume only from folders
+you wrote.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -26,6 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
@@ -36,6 +42,20 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
 from train.distributed import Distributed, all_reduce_sum
 
 STATE_FILE = "train_state.json"
+# The globals DCP's `.metadata` pickle names (as torch 2.13 writes it): its own metadata classes
+# and the torch and pathlib types they hold. torch's FileSystemReader unpickles the file with plain
+# `pickle.load`; it is read first with only these allowed, so a file naming anything else is
+# refused before DCP reads it.
+_METADATA = "torch.distributed.checkpoint.metadata"
+_METADATA_GLOBALS = {
+    (_METADATA, "Metadata"), (_METADATA, "MetadataIndex"), (_METADATA, "StorageMeta"),
+    (_METADATA, "TensorProperties"), (_METADATA, "TensorStorageMetadata"),
+    (_METADATA, "BytesStorageMetadata"), (_METADATA, "ChunkStorageMetadata"),
+    (_METADATA, "_MEM_FORMAT_ENCODING"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"),
+    ("collections", "OrderedDict")}
 _NAME = re.compile(r"^step_(\d{8})$")
 
 
@@ -87,20 +107,34 @@ def save_checkpoint(output_dir: Path, step: int, model: nn.Module,
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _fsync_dir(output_dir)
-        for old in list_checkpoints(output_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune(output_dir, keep_last)
     _barrier()
     return final
+
+
+def prune(output_dir: Path, keep_last: int) -> None:
+    """Delete the checkpoints older than the last `keep_last`. The completion marker goes
+    first, so a kill mid-deletion leaves a folder that no longer counts as a checkpoint rather
+    than one that counts but lacks data files; such leftovers are deleted here too."""
+    kept = list_checkpoints(output_dir)[-keep_last:]
+    newest_kept = kept[0].name if kept else ""
+    for old in output_dir.iterdir():
+        if _NAME.match(old.name) and old.name < newest_kept:
+            (old / STATE_FILE).unlink(missing_ok=True)
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                     rank: int) -> dict[str, Any]:
     """Restore model, optimizer and RNG in place; return the train state."""
+    check_metadata(path)
     state = {"model": get_model_state_dict(model),
              "optim": get_optimizer_state_dict(model, optimizer)}
     try:
-        dcp.load(state, checkpoint_id=path)
+        dcp.load(state, checkpoint_id=path, planner=_WeightsOnlyLoadPlanner())
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - does not fit this run
+        if _missing_file(e):
+            raise IncompleteCheckpoint(f"{path} is incomplete ({describe(e)})") from None
         raise ValueError(
             f"{path}: cannot resume from this checkpoint ({describe(e)}); it does not match "
             "this run's model or optimizer. Use another train.output_dir, or set "
@@ -117,6 +151,55 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         return json.loads((path / STATE_FILE).read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path / STATE_FILE}: not valid JSON ({e})") from None
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _METADATA_GLOBALS or (
+                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it names {module}.{name}")
+
+
+def check_metadata(path: Path) -> None:
+    """Read `path/.metadata` allowing only the types DCP metadata holds; ValueError if it
+    names anything else. A missing file is left for the load to report."""
+    file = path / ".metadata"
+    if not file.is_file():
+        return
+    try:
+        with open(file, "rb") as f:
+            _MetadataUnpickler(f).load()
+    except Exception as e:  # noqa: BLE001 - any failure: not metadata this trainer wrote
+        raise ValueError(f"{file}: not checkpoint metadata as this trainer writes it ({e}); "
+                         "resume only from checkpoints you wrote") from None
+
+
+class _WeightsOnlyLoadPlanner(DefaultLoadPlanner):
+    """DCP's load planner, with the non-tensor entries (the optimizer's hyperparameters) read
+    by `torch.load(weights_only=True)` instead of the default planner's full unpickling."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        loaded = torch.load(value, weights_only=True)
+        safe = io.BytesIO()  # handed on re-serialized: only what the safe load accepted
+        torch.save(loaded, safe)
+        safe.seek(0)
+        super().load_bytes(read_item, safe)
+
+
+class IncompleteCheckpoint(ValueError):
+    """A checkpoint folder marked complete whose data files are partly gone (deleted by hand,
+    or by a run killed while pruning it before pruning removed the marker first)."""
+
+
+def _missing_file(error: BaseException) -> bool:
+    """Whether DCP failed for a file that is not there (on any rank). DCP reports a missing
+    data file as FileNotFoundError and missing metadata as an assertion naming errno 2."""
+    failures = [error]
+    if isinstance(error, CheckpointException) and error.failures:
+        failures = [failure[0] if isinstance(failure, tuple) else failure
+                    for failure in error.failures.values()]
+    return any(isinstance(f, FileNotFoundError) or "[Errno 2]" in str(f) for f in failures)
 
 
 def describe(error: BaseException) -> str:

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from data.example import Example, fingerprint
@@ -35,6 +35,7 @@ from train.forward import Reference, batch_sequence_log_probs
 from train.parallelize import reshard
 from model.hf_checkpoint import checkpoint_files
 from train.distributed import all_reduce_sum
+from train.run_dir import error_code, reason
 from train.scoring import score_sequences
 
 __all__ = ["LiveReference", "Reference", "TableReference", "no_reference", "reference_log_probs"]
@@ -109,11 +110,27 @@ def read_table(path: Path, key: str, num_sequences: int) -> torch.Tensor | None:
 
 
 def write_table(path: Path, key: str, table: torch.Tensor) -> None:
-    """Atomic: written beside, then renamed."""
+    """Atomic: written beside, then renamed; a failed write leaves no partial file and raises
+    OSError (safetensors' own error type included)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({"logps": table.detach().cpu().contiguous()}, tmp, metadata={"key": key})
-    os.replace(tmp, path)
+    try:
+        save_file({"logps": table.detach().cpu().contiguous()}, tmp, metadata={"key": key})
+        os.replace(tmp, path)
+    except (OSError, SafetensorError) as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(error_code(e), reason(e)) from None
+
+
+def _write_copies(paths: Sequence[Path], key: str, table: torch.Tensor, log) -> None:
+    """Write the table to each path; a failure is one warning line, not fatal: the table is
+    only a time saving and is recomputed next time."""
+    for path in paths:
+        try:
+            write_table(path, key, table)
+        except OSError as e:
+            log(f"warning: could not write {path} ({e.strerror or e}); the reference "
+                "log-probs will be recomputed next time")
 
 
 def reference_log_probs(model: torch.nn.Module, examples: Sequence[Example], *, key: str,
@@ -141,7 +158,7 @@ def reference_log_probs(model: torch.nn.Module, examples: Sequence[Example], *, 
     if all_reduce_sum([float(table is not None)], device)[0] == world_size:
         log(f"reference log-probs ({name}): loaded {source}")
         if rank == 0 and source != run_file:
-            write_table(run_file, key, table)
+            _write_copies([run_file], key, table, log)
         return table.to(device)
     log(f"reference log-probs ({name}): computing {num_sequences} sequences "
         "(one no-grad pass, shared+packed layout)")
@@ -153,12 +170,7 @@ def reference_log_probs(model: torch.nn.Module, examples: Sequence[Example], *, 
                                progress=rank == 0)
     table = logps.float()
     if rank == 0:
-        for path in (cache_file, run_file):
-            try:
-                write_table(path, key, table)
-            except OSError as e:
-                log(f"warning: could not write {path} ({e}); the table will be recomputed "
-                    "next time")
+        _write_copies([cache_file, run_file], key, table, log)
     return table
 
 

@@ -1,0 +1,138 @@
+"""The run's output folder: checked writable before any work, held by one run at a time, and
+storage errors reported as one line.
+
+The lock is `output_dir/run.lock`, a JSON file with the host and pid of the run holding it,
+created exclusively (O_EXCL) by rank 0 and removed when the run ends. A lock left by a run that
+was killed (same host, pid no longer alive) is taken over; a lock held by a live process, or by
+a process on another host (whose liveness cannot be checked from here), stops the new run.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import socket
+from pathlib import Path
+
+LOCK_FILE = "run.lock"
+_PROBE = ".write_probe"
+
+# What an OSError's errno means for the user, in their words.
+_REASONS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+            errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+            errno.EPERM: "permission denied"}
+
+
+def error_code(error: BaseException) -> int | None:
+    """The errno of a failed write; safetensors reports OS errors as text ("os error N")."""
+    code = getattr(error, "errno", None)
+    if code is None:
+        match = re.search(r"os error (\d+)\)", str(error))
+        code = int(match.group(1)) if match else None
+    return code
+
+
+def reason(error: BaseException) -> str:
+    """A short reason for a failed write: the errno's meaning when there is one, else the
+    error's first line."""
+    code = error_code(error)
+    if code in _REASONS:
+        return _REASONS[code]
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+def write_error(path: Path, error: BaseException, advice: str) -> ValueError:
+    """The one-line error for a failed write of `path`."""
+    return ValueError(f"cannot write {path} ({reason(error)}). {advice}")
+
+
+def check_writable(folder: Path) -> None:
+    """Create `folder` and write, then remove, a probe file in it; ValueError when either
+    fails, naming the folder and what to do."""
+    probe = folder / f"{_PROBE}.{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"train.output_dir {folder} is not writable ({reason(e)}); choose a "
+                         "writable folder with --train.output_dir=PATH or fix its "
+                         "permissions") from None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+class RunLock:
+    """`output_dir/run.lock`, held while a run writes to the folder. `acquire` raises
+    ValueError when another live run holds it; `log` receives the note about a stale lock
+    taken over."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / LOCK_FILE
+        self.held = False
+
+    def acquire(self, log=print) -> RunLock:
+        me = {"host": socket.gethostname(), "pid": os.getpid()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is None:  # removed in between: try again
+                    continue
+                pid = holder.get("pid")
+                if holder.get("host") != me["host"] or not isinstance(pid, int) or pid <= 0 \
+                        or pid_alive(pid):
+                    raise ValueError(
+                        f"{self.path.parent} is in use by another run (pid "
+                        f"{holder.get('pid')} on {holder.get('host')}, see {self.path}); "
+                        "wait for it to end or choose another train.output_dir. If no run "
+                        "uses it, delete the lock file") from None
+                if self._holder() == holder:  # not replaced meanwhile by another new run
+                    log(f"note: taking over {self.path} left by pid {pid}, which is no "
+                        "longer running")
+                    self.path.unlink(missing_ok=True)
+                continue
+            except OSError as e:
+                raise write_error(self.path, e, "Choose a writable train.output_dir") from None
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(me, f)
+            except OSError as e:
+                self.path.unlink(missing_ok=True)
+                raise write_error(self.path, e, "Free disk space or choose another "
+                                  "train.output_dir") from None
+            self.held = True
+            return self
+        raise ValueError(f"could not take {self.path}: another run is starting in "
+                         f"{self.path.parent}; choose another train.output_dir")
+
+    def _holder(self) -> dict | None:
+        """The lock's content (None when it is gone); an unreadable one names an unknown
+        holder, which is never taken over."""
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return None
+        try:
+            holder = json.loads(text)
+        except json.JSONDecodeError:
+            holder = None
+        return holder if isinstance(holder, dict) else {"host": "unknown", "pid": "unknown"}
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
