@@ -3,7 +3,8 @@ tokenized and truncated, and how it is laid out into rows."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 FORMATS = ("auto", "standard", "conversational", "hh_rlhf", "pretokenized", "ranked")
 TRUNCATION_MODES = ("keep_end", "keep_start")
@@ -36,6 +37,9 @@ class DataConfig:
     # Held-out evaluation data: a separate file, or a fraction of `path` held out by seed.
     eval_path: str = ""
     eval_fraction: float = 0.0
+    # Fields renamed before the format is detected, {field the formats read = the data's own
+    # name}, e.g. {prompt = "question", chosen = "response_j", rejected = "response_k"}.
+    columns: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name, allowed in (("format", FORMATS), ("truncation_mode", TRUNCATION_MODES),
@@ -54,3 +58,32 @@ class DataConfig:
                              "a positive multiple of 128")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"data.eval_fraction = {self.eval_fraction}; expected 0 <= f < 1")
+        if not isinstance(self.columns, Mapping) or not all(
+                isinstance(k, str) and k and isinstance(v, str) and v
+                for k, v in self.columns.items()):
+            raise ValueError(f"data.columns = {self.columns!r}; expected a table of field "
+                             "names, e.g. {prompt = \"question\", chosen = \"response_j\"}")
+
+
+def option(key: str, names: Mapping[str, str] | None = None) -> str:
+    """How messages name a data option: `data.<key>` as in a training config, or the flag a
+    script gives for it (`names`: option -> flag, e.g. {"bad_rows": "--bad-rows"})."""
+    return (names or {}).get(key, f"data.{key}")
+
+
+def parse_columns(text: str) -> dict[str, str]:
+    """A script's `--columns prompt=question,chosen=response_j` as data.columns."""
+    columns = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        target, sep, source = (part.strip() for part in item.partition("="))
+        if not (sep and target and source):
+            raise ValueError(f"--columns {text!r}: expected field=column pairs separated by "
+                             "commas, e.g. prompt=question,chosen=response_j")
+        columns[target] = source
+    return columns
+
+
+def setting(key: str, value: str, names: Mapping[str, str] | None = None) -> str:
+    """`data.bad_rows = "skip"` in a config, `--bad-rows skip` for a script's flag."""
+    name = option(key, names)
+    return f"{name} {value}" if name.startswith("-") else f'{name} = "{value}"'

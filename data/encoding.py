@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from data.chat_template import ChatTemplate, ChatTemplateError
+from data.chat_template import ChatTemplate, ChatTemplateBudgetError, ChatTemplateError
 from data.example import Example, Group
 from data.formats import CHAT, IDS, TEXT, Preference
 from data.reading import RowError
@@ -77,6 +77,8 @@ def _plan(preference: Preference, slot, chat_template: ChatTemplate | None) -> l
                 raise ValueError("conversational data needs a chat template")
             try:
                 prompt_text, texts = chat_template.split(group.prompt, group.completions)
+            except ChatTemplateBudgetError as e:  # the template's fault: stop, not skip
+                raise ValueError(f"{preference.location}: {e}") from None
             except ChatTemplateError as e:
                 raise RowError(preference.location, str(e)) from None
             plan.append(_text_refs(prompt_text, texts, slot))

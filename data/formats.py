@@ -1,6 +1,10 @@
 """Preference data formats: one record (a JSON object) -> a `Preference`, before tokenization.
+Unpaired data (KTO-style rows with one completion and a true/false `label`) is refused: DPO
+needs a chosen and a rejected completion of one prompt.
 
-Formats (names as in `data.format`; "auto" picks one from the first record):
+Formats (names as in `data.format`; "auto" picks one from the first record whose format can be
+told, see data/dataset.py). `data.columns` renames fields first (`rename_columns`), for data
+whose fields have other names (stack-exchange-paired's question/response_j/response_k):
 
 - standard:      {"prompt": str, "chosen": str, "rejected": str}
 - conversational: {"prompt": [messages], "chosen": [messages], "rejected": [messages]}, where a
@@ -12,7 +16,9 @@ Formats (names as in `data.format`; "auto" picks one from the first record):
                  message(s), which are the completion; for the usual data both prompts are equal
                  (the longest common message prefix) and shared. LLaMA-Factory's sharegpt form
                  {"conversations": [{"from", "value"}...], "chosen": {...}, "rejected": {...},
-                 "system"?: str} is read as conversational too.
+                 "system"?: str} is read as conversational too, and so is OpenAI's preference
+                 fine-tuning form {"input": {"messages": [...]}, "preferred_output":
+                 [assistant message], "non_preferred_output": [assistant message]}.
 - hh_rlhf:       {"chosen": str, "rejected": str}, whole transcripts
                  "\\n\\nHuman: ...\\n\\nAssistant: ..."; each side's prompt is its text through
                  the LAST "\\n\\nAssistant:", the completion the rest.
@@ -41,7 +47,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from data.config import PAIRINGS
+from data.config import FORMATS, PAIRINGS, option, setting
 from data.reading import RowError
 
 TEXT, CHAT, IDS = "text", "chat", "ids"  # what a Preference's prompts/completions hold
@@ -52,12 +58,14 @@ _NEEDS = {
     "standard": "standard rows need 'prompt', 'chosen' and 'rejected' strings",
     "conversational": "conversational rows need 'chosen' and 'rejected' message lists, and "
                       "optionally 'prompt'",
+    "openai": "OpenAI preference rows need 'input' ({\"messages\": [...]}), "
+              "'preferred_output' and 'non_preferred_output'",
     "hh_rlhf": "HH-RLHF rows need 'chosen' and 'rejected' transcripts",
     "pretokenized": "pre-tokenized rows need 'prompt_input_ids', 'chosen_input_ids' and "
                     "'rejected_input_ids'",
     "ranked": "ranked rows need 'prompt', 'completions' and 'scores' or 'ranks'",
 }
-_KNOWN = ", ".join(_NEEDS)
+_KNOWN = ", ".join(f for f in FORMATS if f != "auto")
 
 
 @dataclass(frozen=True)
@@ -76,8 +84,9 @@ class Preference:
     id: str | None = None
 
 
-def detect_format(record: Any, location: str) -> str:
-    """The format of a record, by its keys and value types."""
+def detect_format(record: Any, location: str, names: Mapping[str, str] | None = None) -> str:
+    """The format of a record, by its keys and value types. `names` name the options in the
+    message (see data.config.option)."""
     if not isinstance(record, dict):
         raise ValueError(f"{location}: expected a JSON object, found {_type(record)}; cannot "
                          "tell the data format")
@@ -86,6 +95,8 @@ def detect_format(record: Any, location: str) -> str:
         return "pretokenized"
     if "completions" in keys:
         return "ranked"
+    if {"input", "preferred_output", "non_preferred_output"} <= keys:
+        return "conversational"  # OpenAI's preference fine-tuning form
     if {"chosen", "rejected"} <= keys:
         chosen, prompt = record["chosen"], record.get("prompt")
         if "conversations" in keys or isinstance(chosen, (list, dict)) or isinstance(prompt, list):
@@ -94,9 +105,38 @@ def detect_format(record: Any, location: str) -> str:
             return "standard"
         if isinstance(chosen, str) and "prompt" not in keys and HH_ASSISTANT in chosen:
             return "hh_rlhf"
-    raise ValueError(f"{location}: cannot tell the data format of the first row (fields: "
-                     f"{', '.join(sorted(map(str, keys))) or 'none'}); supported formats: "
-                     f"{_KNOWN} (see data/formats.py); name one with data.format")
+    fields = ", ".join(sorted(map(str, keys))) or "none"
+    if isinstance(record.get("label"), bool) and ("messages" in keys or "completion" in keys):
+        raise ValueError(f"{location}: this looks like unpaired (KTO-style) data: one completion "
+                         f"per row with a true/false 'label' (fields: {fields}). DPO needs "
+                         "pairs: a chosen and a rejected completion of the same prompt; pair "
+                         "good and bad completions of each prompt into 'prompt', 'chosen' and "
+                         "'rejected' fields first")
+    columns = option("columns", names)
+    rename = setting("columns", "prompt=question,chosen=response_j,rejected=response_k", names) \
+        if columns.startswith("-") else (f"{columns} = {{prompt = \"question\", chosen = "
+                                         "\"response_j\", rejected = \"response_k\"}")
+    raise ValueError(f"{location}: cannot tell the data format (fields: {fields}); supported "
+                     f"formats: {_KNOWN} (see data/formats.py). If the fields only have other "
+                     f"names, rename them, e.g. {rename}; or name the format with "
+                     f"{option('format', names)}")
+
+
+def rename_columns(record: Any, columns: Mapping[str, str], location: str,
+                   names: Mapping[str, str] | None = None) -> Any:
+    """A record with fields renamed per data.columns ({name the formats read: the data's own
+    name}); a renamed field replaces one of the same name."""
+    if not columns or not isinstance(record, dict):
+        return record
+    missing = [source for source in columns.values() if source not in record]
+    if missing:
+        have = ", ".join(sorted(map(str, record))) or "none"
+        raise RowError(location, f"missing field {missing[0]!r} (named in "
+                                 f"{option('columns', names)}; this row has: {have})")
+    sources = set(columns.values())
+    renamed = {k: v for k, v in record.items() if k not in sources}
+    renamed.update((target, record[source]) for target, source in columns.items())
+    return renamed
 
 
 def parse_record(record: Any, location: str, fmt: str, pairing: str = "all") -> Preference:
@@ -130,7 +170,7 @@ def _parse_hh_rlhf(record: dict, location: str) -> Preference:
         if cut < 0:
             raise RowError(location, f"field {field!r}: no {HH_ASSISTANT!r} in the transcript "
                                      "(HH-RLHF rows are '\\n\\nHuman: ...\\n\\nAssistant: ...'); "
-                                     "is data.format right?")
+                                     "is the data format right?")
         cut += len(HH_ASSISTANT)
         sides.append((text[:cut], _completion_text(text[cut:], field, location)))
     return _pair(record, location, TEXT, sides[0], sides[1])
@@ -140,6 +180,8 @@ def _parse_conversational(record: dict, location: str) -> Preference:
     fmt = "conversational"
     if "conversations" in record:
         return _parse_sharegpt(record, location)
+    if "preferred_output" in record or "input" in record and "chosen" not in record:
+        return _parse_openai(record, location)
     chosen = _messages(_get(record, "chosen", fmt, location), "chosen", location, single=True)
     rejected = _messages(_get(record, "rejected", fmt, location), "rejected", location,
                          single=True)
@@ -149,6 +191,10 @@ def _parse_conversational(record: dict, location: str) -> Preference:
         # and UltraFeedback sets): the conversations are authoritative.
         prompt_value = None
     elif isinstance(prompt_value, str):
+        if rejected[0].get("role") != "assistant":
+            raise RowError(location, "field 'rejected' is a whole conversation but 'chosen' "
+                                     "only a reply; give both as whole conversations, or both "
+                                     "as replies to 'prompt'")
         prompt_value = [{"role": "user", "content": prompt_value}]
     if prompt_value is not None:
         prompt = _messages(prompt_value, "prompt", location)
@@ -176,6 +222,24 @@ def _parse_sharegpt(record: dict, location: str) -> Preference:
         _check_reply((reply,), field, location)
         sides.append((tuple(prompt), (reply,)))
     return _pair(record, location, CHAT, sides[0], sides[1])
+
+
+def _parse_openai(record: dict, location: str) -> Preference:
+    """OpenAI's preference fine-tuning form: {"input": {"messages": [...]}, "preferred_output":
+    [assistant message], "non_preferred_output": [assistant message]}."""
+    fmt = "openai"
+    given = _get(record, "input", fmt, location)
+    if not isinstance(given, dict) or "messages" not in given:
+        raise RowError(location, "field 'input': expected an object with 'messages' (a list "
+                                 f"of {{role, content}} messages), found {_type(given)}")
+    prompt = _messages(given["messages"], "input.messages", location)
+    sides = []
+    for field in ("preferred_output", "non_preferred_output"):
+        reply = _messages(_get(record, field, fmt, location), field, location, single=True)
+        _check_reply(reply, field, location)
+        sides.append((prompt, reply))
+    return _pair(record, location, CHAT, sides[0], sides[1],
+                 names=("preferred_output", "non_preferred_output"))
 
 
 def _parse_pretokenized(record: dict, location: str) -> Preference:

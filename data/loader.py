@@ -23,18 +23,22 @@ exactly the remaining batches. Batches are built in a background thread a few st
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from data.config import option, setting
 from data.example import Example, fingerprint
 from data.layout import (Batch, Numbering, collate, document_lengths, fit_to_length, is_packed,
                          is_shared)
 from data.packing import BLOCK, auto_packing_length, pack_best_fit, packing_efficiency, round_up
+
+logger = logging.getLogger(__name__)
 
 PACK_WINDOW = 8192  # examples packed together: large enough to pack tightly, small enough to mix
 
@@ -53,30 +57,68 @@ class FitReport:
     efficiency: float        # non-padding fraction of packed rows (one packing of all data)
 
 
+def positions_needed(example: Example) -> int:
+    """The longest prompt + completion of an example: the positions the model sees."""
+    return max(len(g.prompt) + max(len(c) for c in g.completions) for g in example.groups)
+
+
 def fit_examples(examples: Sequence[Example], layout: str, packing_length: int | str,
-                 overlong: str) -> tuple[list[Example], FitReport]:
+                 overlong: str, max_positions: int = 0,
+                 locations: Mapping[int, str] | None = None,
+                 names: Mapping[str, str] | None = None) -> tuple[list[Example], FitReport]:
     """Resolve `packing_length` ("auto" or a multiple of 128) for a packed layout and make
     every example fit one row: cut by `fit_to_length`'s policy (overlong="truncate"), or refuse
-    with an error naming the example (overlong="error")."""
+    with an error naming the example (overlong="error"). With `max_positions` (the model's
+    max_position_embeddings), "auto" never picks a longer row, and an explicit longer one is
+    warned about. `locations` ("file:line" by Example.index) name examples in errors; `names`
+    a script's flags for the options they suggest (data.config.option)."""
     if not examples:
         raise ValueError("no examples to train on")
     lengths = [example_length(e, layout) for e in examples]
     if not is_packed(layout):
         return list(examples), FitReport(0, 0, 1.0)
-    length = auto_packing_length(lengths) if packing_length == "auto" else int(packing_length)
+    limit = max(BLOCK, max_positions // BLOCK * BLOCK) if max_positions else 0
+    if packing_length == "auto":
+        # One absurdly long row (a 50 MB record) must not size every row of the run: only
+        # examples whose positions stay within the model's context do (a shared row holds a
+        # prompt once and its completions side by side, so it may be longer than that).
+        within = [n for e, n in zip(examples, lengths) if positions_needed(e) <= max_positions] \
+            if max_positions else lengths
+        length = auto_packing_length(within) if within else limit
+    else:
+        length = int(packing_length)
+        if max_positions and length > max_positions:
+            logger.warning("data.packing_length = %d is longer than the model's "
+                           "max_position_embeddings = %d: rows that long run positions past "
+                           "what the model was trained on", length, max_positions)
     fitted, num_truncated = [], 0
     for example, n in zip(examples, lengths):
-        if n > length:
-            where = f"example {example.index}" + (f" (id {example.id})" if example.id else "")
-            cut = fit_to_length(example, length, is_shared(layout)) \
+        # With "auto", an example beyond the model's positions is cut to them (or refused).
+        beyond = packing_length == "auto" and max_positions and \
+            positions_needed(example) > max_positions
+        fit = min(length, limit) if beyond else length
+        if n > fit:
+            where = (locations or {}).get(example.index) or f"example {example.index}"
+            where += f" (id {example.id})" if example.id else ""
+            cut = fit_to_length(example, fit, is_shared(layout)) \
                 if overlong == "truncate" else None
             if cut is None:
-                hint = ("its prompts alone do not fit: raise data.packing_length or set "
-                        "data.max_prompt_length" if overlong == "truncate" else
-                        "raise data.packing_length, set data.max_length, or set "
-                        "data.overlong = 'truncate'")
+                packing, max_length = option("packing_length", names), option("max_length", names)
+                hint = (f"its prompts alone do not fit: raise {packing} or set "
+                        f"{option('max_prompt_length', names)}" if overlong == "truncate" else
+                        f"raise {packing} or set {max_length}" + (
+                            "" if names is not None and "overlong" not in names else
+                            f", or set {setting('overlong', 'truncate', names)}"))
+                if beyond:
+                    what = ("set data.max_prompt_length or data.max_length to cut it when read"
+                            if overlong == "truncate" else "set data.max_length to cut long "
+                            "examples when read, or data.overlong = 'truncate'")
+                    raise ValueError(
+                        f"{where} needs {n} tokens in layout {layout!r}, more than the model's "
+                        f"max_position_embeddings = {max_positions} (data.packing_length = "
+                        f"'auto' stops at {fit}); {what}")
                 raise ValueError(f"{where} needs {n} tokens in layout {layout!r}, more than "
-                                 f"data.packing_length = {length}; {hint}")
+                                 f"{packing} = {length}; {hint}")
             example, num_truncated = cut, num_truncated + 1
         fitted.append(example)
     fitted_lengths = [example_length(e, layout) for e in fitted]

@@ -23,10 +23,12 @@ import gzip
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from data.config import option
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
 # Keys under which a .json object may hold its list of records (else: its only list).
@@ -57,21 +59,23 @@ def data_suffix(path: str | os.PathLike) -> str | None:
     return next((s for s in sorted(SUFFIXES, key=len, reverse=True) if name.endswith(s)), None)
 
 
-def read_rows(path: str, split: str = "train", *,
-              cache_dir: str | os.PathLike | None = None) -> Iterator[Row]:
-    """Every record of a file, of the `split` files of a folder, or of a hub dataset repo."""
-    for file, display in resolve_files(path, split, cache_dir=cache_dir):
+def read_rows(path: str, split: str = "train", *, cache_dir: str | os.PathLike | None = None,
+              names: Mapping[str, str] | None = None) -> Iterator[Row]:
+    """Every record of a file, of the `split` files of a folder, or of a hub dataset repo.
+    `names` name the options in messages (data.config.option)."""
+    for file, display in resolve_files(path, split, cache_dir=cache_dir, names=names):
         yield from read_file(file, display)
 
 
 def resolve_files(path: str, split: str = "train", *,
-                  cache_dir: str | os.PathLike | None = None) -> list[tuple[Path, str]]:
+                  cache_dir: str | os.PathLike | None = None,
+                  names: Mapping[str, str] | None = None) -> list[tuple[Path, str]]:
     """(local file, name shown in messages) for each file to read, in reading order."""
     local = Path(path).expanduser()
     if local.is_file():
         return [(local, str(path))]
     if local.is_dir():
-        return [(f, str(f)) for f in split_files(local, split, str(path))]
+        return [(f, str(f)) for f in split_files(local, split, str(path), names)]
     if local.exists() or data_suffix(path) or not _HUB_ID.match(path):
         raise ValueError(f"{path}: no such data file or folder (expected a local "
                          f"{'/'.join(SUFFIXES)} file, a folder of them, or a Hugging Face "
@@ -83,10 +87,11 @@ def resolve_files(path: str, split: str = "train", *,
     if not root.is_dir():
         raise ValueError(f"{path}: the dataset repo {repo_id!r} has no folder {subfolder!r}")
     return [(f, f"{repo_id}/{f.relative_to(snapshot).as_posix()}")
-            for f in split_files(root, split, path)]
+            for f in split_files(root, split, path, names)]
 
 
-def split_files(folder: Path, split: str, display: str) -> list[Path]:
+def split_files(folder: Path, split: str, display: str,
+                names: Mapping[str, str] | None = None) -> list[Path]:
     """The data files of `split` in `folder` (recursively, hidden folders skipped)."""
     candidates = sorted(p for p in folder.rglob("*") if p.is_file() and data_suffix(p.name)
                         and not any(part.startswith(".")
@@ -101,7 +106,8 @@ def split_files(folder: Path, split: str, display: str) -> list[Path]:
         found = ", ".join(p.relative_to(folder).as_posix() for p in candidates[:10]) or "none"
         raise ValueError(f"{display}: no data file for split {split!r} (looked for "
                          f"{split}.jsonl, {split}-*.parquet, {split}/..., etc.; data files found: "
-                         f"{found}); set data.split, or give the file itself as data.path")
+                         f"{found}); set {option('split', names)}, or give the file itself as "
+                         f"{option('path', names)}")
     return chosen
 
 

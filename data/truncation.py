@@ -13,22 +13,24 @@ as in TRL. 0 means no limit. Truncation is reported, never silent: the caller ma
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from data.config import TRUNCATION_MODES
+from data.config import TRUNCATION_MODES, option
 
 
-def check_limits(max_length: int, max_prompt_length: int, mode: str) -> None:
+def check_limits(max_length: int, max_prompt_length: int, mode: str,
+                 names: Mapping[str, str] | None = None) -> None:
     if mode not in TRUNCATION_MODES:
-        raise ValueError(f"data.truncation_mode = {mode!r}; expected one of: "
+        raise ValueError(f"{option('truncation_mode', names)} = {mode!r}; expected one of: "
                          f"{', '.join(TRUNCATION_MODES)}")
     if max_length == 1:
-        raise ValueError("data.max_length = 1 leaves no room for a prompt token and a "
-                         "completion token; use >= 2 (0 = no limit)")
+        raise ValueError(f"{option('max_length', names)} = 1 leaves no room for a prompt token "
+                         "and a completion token; use >= 2 (0 = no limit)")
     if max_length < 0 or max_prompt_length < 0:
-        raise ValueError("data.max_length and data.max_prompt_length must be >= 0 (0 = no limit)")
+        raise ValueError(f"{option('max_length', names)} and "
+                         f"{option('max_prompt_length', names)} must be >= 0 (0 = no limit)")
 
 
 def cut_prompt(prompt: np.ndarray, length: int, mode: str, bos_id: int | None) -> np.ndarray:

@@ -1,6 +1,8 @@
 """Token statistics of preference datasets, and what prefix sharing and packing gain on them.
 
     python scripts/dataset_metrics.py --data FILE... --tokenizer DIR [--name NAME]
+        [--split S] [--format F] [--columns prompt=question,...] [--chat-template auto|FILE]
+        [--bad-rows skip|error]
 
 Each --data is a file, a folder or a hub dataset repo id, read as training reads it (same
 formats, tokenization policy and data.bad_rows, here "skip" by default; no truncation). One block
@@ -34,13 +36,16 @@ from pathlib import Path
 
 import numpy as np
 
-from data.config import BAD_ROWS, FORMATS, DataConfig
+from data.config import BAD_ROWS, FORMATS, DataConfig, parse_columns
 from data.dataset import load_preference_data
 from data.example import Example
 from data.packing import auto_packing_length, pack_best_fit, packing_efficiency
 from data.reading import data_suffix
 from data.tokenizer import Tokenizer, load_tokenizer
 
+# The flags that set data options, named in messages instead of the config keys.
+FLAGS = {"path": "--data", "split": "--split", "format": "--format", "columns": "--columns",
+         "chat_template": "--chat-template", "bad_rows": "--bad-rows"}
 
 def dataset_metrics(examples: Sequence[Example], bos_id: int | None,
                     num_skipped: int = 0) -> list[tuple[str, str]]:
@@ -102,7 +107,7 @@ def dataset_names(paths: Sequence[str]) -> list[str]:
 def report(name: str, paths: Sequence[str], config: DataConfig, tokenizer: Tokenizer) -> None:
     examples, num_skipped = [], 0
     for path in paths:
-        data = load_preference_data(config, tokenizer, path=path, progress=False)
+        data = load_preference_data(config, tokenizer, path=path, progress=False, names=FLAGS)
         examples += data.examples
         num_skipped += data.num_skipped
     for metric, value in dataset_metrics(examples, tokenizer.bos_id, num_skipped):
@@ -117,11 +122,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--name", help="report all --data as one dataset of this name")
     parser.add_argument("--split", default="train", help="split of folders and hub repos")
     parser.add_argument("--format", default="auto", choices=FORMATS)
+    parser.add_argument("--columns", default="",
+                        help="rename data fields first, e.g. prompt=question,chosen=response_j")
+    parser.add_argument("--chat-template", default="auto",
+                        help="for conversational data: auto (the tokenizer's), a .jinja file, "
+                             "or none")
     parser.add_argument("--bad-rows", default="skip", choices=BAD_ROWS)
     args = parser.parse_args(argv)
     try:
         tokenizer = load_tokenizer(args.tokenizer)
-        config = DataConfig(split=args.split, format=args.format, bad_rows=args.bad_rows)
+        config = DataConfig(split=args.split, format=args.format, bad_rows=args.bad_rows,
+                            columns=parse_columns(args.columns),
+                            chat_template=args.chat_template)
         if args.name:
             report(args.name, args.data, config, tokenizer)
         else:

@@ -3,7 +3,8 @@
     python scripts/score.py --model DIR --data FILE --out scores.jsonl
         [--layout shared+packed|shared|paired+packed|paired] [--packing-length N|auto]
         [--dtype float32|bfloat16] [--device cpu|cuda] [--batch-size N] [--tokenizer DIR]
-        [--reference REF.jsonl] [--beta B]
+        [--reference REF.jsonl] [--beta B] [--format F] [--columns prompt=question,...]
+        [--chat-template auto|FILE.jinja] [--split S] [--bad-rows error|skip]
 
 Writes one JSON object per pair, in input order: `index` (the row's position in the file),
 `id` (when the row has one), `pair` (its number within the row: rows with ranked completions
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from data.config import BAD_ROWS, LAYOUTS, DataConfig
+from data.config import BAD_ROWS, FORMATS, LAYOUTS, DataConfig, parse_columns
 from data.dataset import load_preference_data
 from data.layout import Numbering
 from data.loader import fit_examples
@@ -36,6 +37,11 @@ from data.tokenizer import load_tokenizer
 from model.hf_checkpoint import load_model, resolve_model_dir
 from train.scoring import attention_executor, score_sequences
 
+# The flags that set data options, named in messages instead of the config keys.
+FLAGS = {"path": "--data", "split": "--split", "format": "--format", "columns": "--columns",
+         "chat_template": "--chat-template", "bad_rows": "--bad-rows",
+         "max_length": "--max-length", "max_prompt_length": "--max-prompt-length",
+         "layout": "--layout", "packing_length": "--packing-length"}
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -50,7 +56,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         choices=["cpu", "cuda"])
     parser.add_argument("--batch-size", type=int, default=8, help="rows per forward pass")
-    parser.add_argument("--format", default="auto", help="data format (default: detected)")
+    parser.add_argument("--format", default="auto", choices=FORMATS,
+                        help="data format (default: detected)")
+    parser.add_argument("--columns", default="",
+                        help="rename data fields first, e.g. prompt=question,chosen=response_j")
+    parser.add_argument("--chat-template", default="auto",
+                        help="for conversational data: auto (the tokenizer's), a .jinja file, "
+                             "or none")
+    parser.add_argument("--split", default="train", help="split of folders and hub repos")
     parser.add_argument("--max-length", type=int, default=0, help="truncate as in training")
     parser.add_argument("--max-prompt-length", type=int, default=0)
     parser.add_argument("--bad-rows", default="error", choices=BAD_ROWS)
@@ -74,14 +87,17 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     model_dir = resolve_model_dir(args.model)
     tokenizer = load_tokenizer(args.tokenizer or model_dir)
-    data_config = DataConfig(path=args.data, format=args.format, max_length=args.max_length,
+    data_config = DataConfig(path=args.data, split=args.split, format=args.format,
+                             columns=parse_columns(args.columns),
+                             chat_template=args.chat_template, max_length=args.max_length,
                              max_prompt_length=args.max_prompt_length, bad_rows=args.bad_rows,
                              layout=args.layout)
-    data = load_preference_data(data_config, tokenizer)
+    data = load_preference_data(data_config, tokenizer, names=FLAGS)
     for line in data.skipped:
         print(f"skipped {line}", file=sys.stderr)
     # Scores must be of the sequences as given: refuse rather than cut an example to fit a row.
-    examples, report = fit_examples(data.examples, args.layout, args.packing_length, "error")
+    examples, report = fit_examples(data.examples, args.layout, args.packing_length, "error",
+                                    locations=data.locations, names=FLAGS)
     model = load_model(model_dir, device=device, dtype=getattr(torch, args.dtype)).eval()
     logps, counts = score_sequences(model, examples, layout=args.layout,
                                     packing_length=report.packing_length,

@@ -117,3 +117,56 @@ def test_templates_are_sandboxed(source):
 def test_a_template_that_does_not_compile():
     with pytest.raises(ChatTemplateError, match=r"does not compile"):
         ChatTemplate("{% for m in messages %}", SPECIAL)
+
+
+@pytest.mark.parametrize("source", [
+    "{{ cycler.__init__.__globals__ }}",                    # the cycler/joiner/namespace escapes
+    "{{ joiner.__init__.__globals__.os.popen('id').read() }}",
+    "{{ namespace.__init__.__globals__ }}",
+    "{{ messages.__class__.__mro__[1].__subclasses__() }}",
+    "{% include '/etc/passwd' %}",                          # no loader: no file is read
+    "{% import '/etc/passwd' as x %}",
+    "{{ range(10**9) | list }}",                             # jinja's sandboxed range limit
+])
+def test_known_sandbox_escapes_stay_refused(source):
+    with pytest.raises(ChatTemplateError) as info:
+        ChatTemplate(source, SPECIAL).render([{"role": "user", "content": "x"}])
+    assert "root:" not in str(info.value) and "uid=" not in str(info.value)
+
+
+@pytest.mark.parametrize("source, message", [
+    ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+     r"calls nested deeper than 50 \(a recursive macro\?\)"),
+    ("{{ 'x' * 100000 * 100000 }}", r"the output would exceed \d+ characters"),
+    ("{{ [0] * 10**9 }}", r"the output would exceed \d+ characters"),
+    ("{{ 7 ** 10000000 }}", r"an integer power too large \(7 \*\* 10000000\)"),
+    ("{% for i in range(3000) %}{{ 'x' * 1000 }}{% endfor %}",
+     r"the output would exceed \d+ characters"),
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+     r"rendering took longer than 0.3 s \(a loop too long\)"),
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{{ i }}{% endfor %}{% endfor %}",
+     r"rendering took longer than 0.3 s \(a loop too long\)"),
+    ("{% for i in range(100000)[::1] %}{% for j in range(100000)[1:] %}{% endfor %}{% endfor %}",
+     r"rendering took longer than 0.3 s \(a loop too long\)"),
+    ("{% set s = 'x' * 100000 %}{% for a in s %}{% for b in s %}{% endfor %}{% endfor %}",
+     r"rendering took longer than 0.3 s \(a loop too long\)"),
+])
+def test_hostile_templates_stop_within_budgets_in_one_line(source, message):
+    """A recursive macro, a huge string or list, nested loops: one ChatTemplateBudgetError
+    naming the template, instead of RecursionError, MemoryError or a hang."""
+    from data.chat_template import ChatTemplateBudgetError
+
+    template = ChatTemplate(source, SPECIAL, origin="the chat template of tok/", time_budget=0.3)
+    with pytest.raises(ChatTemplateBudgetError, match=rf"^the chat template of tok/: {message}"
+                                                      r"; fix the template") as info:
+        template.render([{"role": "user", "content": "x"}])
+    assert "\n" not in str(info.value)
+
+
+def test_budgets_leave_real_templates_alone():
+    """Loops, macros, ranges and repetition in ordinary amounts render as before."""
+    source = ("{% macro turn(m) %}<{{ m.role }}>{{ m.content }}{% endmacro %}"
+              "{% for m in messages %}{{ turn(m) }}{% endfor %}{{ '=' * 3 }}"
+              "{{ range(3) | length }}{% for i in range(2, 4) %}{{ i }}{% endfor %}")
+    text = ChatTemplate(source, SPECIAL).render([{"role": "user", "content": "y" * 200000}])
+    assert text == "<user>" + "y" * 200000 + "===323"

@@ -92,7 +92,7 @@ def test_chat_template_settings(tmp_path, tok, tok_nobos):
                                           {"role": "assistant", "content": "no"}]}])
     with pytest.raises(ValueError, match=r"has no chat_template.*data.chat_template"):
         load(path, tok_nobos)
-    with pytest.raises(ValueError, match=r"conversational but data.chat_template = 'none'"):
+    with pytest.raises(ValueError, match=r'conversational but data.chat_template = "none"'):
         load(path, tok, chat_template="none")
     jinja = tmp_path / "t.jinja"
     jinja.write_text("{% for m in messages %}<{{ m.role[0] }}>{{ m.content }}{% endfor %}"
@@ -280,3 +280,57 @@ def test_hh_rlhf_with_the_mistral_tokenizer():
     assert alone[1:] == whole[len(prompt_ids):] and tok.decode(alone[:1]) == ""
     assert len(data.examples) == 300 and all(
         e.groups[0].completions[0][-1] == 2 and e.groups[0].prompt[0] == 1 for e in data.examples)
+
+
+def test_a_template_past_its_budget_stops_loading_naming_it(tmp_path, tok):
+    """The template's fault, not a row's: never skipped (each row would hit it again)."""
+    user = {"role": "user", "content": "hi"}
+    path = write(tmp_path, [{"prompt": [user], "chosen": [{"role": "assistant", "content": "a"}],
+                             "rejected": [{"role": "assistant", "content": "b"}]}])
+    jinja = tmp_path / "loop.jinja"
+    jinja.write_text("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}")
+    with pytest.raises(ValueError, match=rf"^{path}:1: the chat template given by "
+                                         r"data.chat_template: calls nested deeper than 50"):
+        load(path, tok, chat_template=str(jinja), bad_rows="skip")
+    with pytest.raises(ValueError, match=rf"{path}:1: the chat template of .*ascii_bos: calls"):
+        tok_loop = Tokenizer.from_folder(FIXTURES / "ascii_bos")
+        tok_loop.chat_template = jinja.read_text()
+        load(path, tok_loop)
+
+
+class _Bar:
+    """Stands in for tqdm: records what the loading bar counts."""
+    counted: list[int] = []
+
+    def __init__(self, *args, **kwargs) -> None:
+        _Bar.counted = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def update(self, n: int) -> None:
+        _Bar.counted.append(n)
+
+
+def test_max_examples_reads_and_counts_only_the_rows_used(tmp_path, tok, monkeypatch, caplog):
+    """As in the demo (400 of 1,000 rows wanted, one bad row among them): the rows read and
+    counted by the loading bar are the rows used, not a second whole batch read and then cut;
+    the counts are printed once, by summary(), and the warning lists the skipped rows only."""
+    import data.dataset
+
+    rows = [{"prompt": "Q", "chosen": "a", "rejected": str(i)} for i in range(12)]
+    rows[2] = {"prompt": "Q", "chosen": "a", "rejected": ""}
+    path = write(tmp_path, rows)
+    monkeypatch.setattr(data.dataset, "tqdm", _Bar)
+    with caplog.at_level(logging.WARNING, logger="data.dataset"):
+        loaded = load_preference_data(DataConfig(path=path, max_examples=4, bad_rows="skip"),
+                                      tok, progress=True)
+    assert [e.index for e in loaded.examples] == [0, 1, 3, 4]
+    assert (loaded.num_rows, loaded.num_skipped, sum(_Bar.counted)) == (5, 1, 5)
+    assert _Bar.counted == [4, 1]
+    assert loaded.summary().splitlines()[0].startswith("4 examples from 5 rows (standard)")
+    assert "examples from" not in caplog.text
+    assert f"1 rows skipped of 5 read\n  skipped {path}:3: field 'rejected'" in caplog.text

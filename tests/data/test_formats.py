@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from data.formats import (CHAT, IDS, TEXT, Preference, PreferenceGroup, detect_format,
-                          parse_record, rank_pairs)
+                          parse_record, rank_pairs, rename_columns)
 from data.reading import RowError
 
 LOC = "d.jsonl:7"
@@ -122,7 +122,9 @@ def test_ranked_ultrafeedback_objects_and_chat_prompt():
     ({"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "x"}, "hh_rlhf"),
     ({"prompt_input_ids": [], "chosen_input_ids": [], "rejected_input_ids": []},
      "pretokenized"),
-    ({"prompt": "Q", "completions": [], "scores": []}, "ranked")])
+    ({"prompt": "Q", "completions": [], "scores": []}, "ranked"),
+    ({"input": {"messages": [U]}, "preferred_output": [A1], "non_preferred_output": [A2]},
+     "conversational")])
 def test_detect_format(record, fmt):
     assert detect_format(record, LOC) == fmt
 
@@ -130,8 +132,8 @@ def test_detect_format(record, fmt):
 @pytest.mark.parametrize("record", [{"question": "q", "response_j": "a", "response_k": "b"},
                                     {"chosen": "a", "rejected": "b"}])
 def test_unknown_format_names_the_row_and_what_to_do(record):
-    with pytest.raises(ValueError, match=r"^d.jsonl:7: cannot tell the data format of the "
-                                         r"first row \(fields: .*data.format$"):
+    with pytest.raises(ValueError, match=r"^d.jsonl:7: cannot tell the data format \(fields: "
+                                         r".*rename them, e.g. data.columns = .*data.format$"):
         detect_format(record, LOC)
     with pytest.raises(ValueError, match=r"^d.jsonl:7: expected a JSON object, found a list"):
         detect_format([1, 2], LOC)
@@ -191,3 +193,30 @@ def test_bad_records_name_location_and_field(record, fmt, message):
 def test_a_record_that_is_not_an_object():
     with pytest.raises(RowError, match=r"^d.jsonl:7: expected a JSON object, found a list"):
         parse_record([1], LOC, "standard")
+
+
+def test_openai_preference_form():
+    p = parse({"input": {"messages": [U], "tools": []}, "preferred_output": [A1],
+               "non_preferred_output": A2})
+    assert p == Preference(LOC, CHAT, (PreferenceGroup((U,), ((A1,), (A2,))),), ((0, 1),))
+
+
+@pytest.mark.parametrize("record", [
+    {"messages": [U, A1], "label": True},
+    {"prompt": "Q", "completion": "a", "label": False}])
+def test_unpaired_data_is_refused_with_its_own_message(record):
+    with pytest.raises(ValueError, match=r"^d.jsonl:7: this looks like unpaired \(KTO-style\) "
+                                         r"data.*DPO needs pairs"):
+        detect_format(record, LOC)
+
+
+def test_rename_columns():
+    columns = {"prompt": "question", "chosen": "response_j", "rejected": "response_k"}
+    record = {"question": "q", "response_j": "a", "response_k": "b", "qid": 3, "prompt": "old"}
+    assert rename_columns(record, columns, LOC) == {"qid": 3, "prompt": "q", "chosen": "a",
+                                                    "rejected": "b"}
+    assert rename_columns([1], columns, LOC) == [1]  # refused later, as any non-object
+    with pytest.raises(RowError, match=r"^d.jsonl:7: missing field 'response_k' \(named in "
+                                       r"--columns; this row has: question, response_j\)"):
+        rename_columns({"question": "q", "response_j": "a"}, columns, LOC,
+                       names={"columns": "--columns"})

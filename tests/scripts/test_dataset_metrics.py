@@ -84,3 +84,50 @@ def test_errors_are_one_line_and_exit_1(tmp_path):
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
     assert "absent.jsonl: no such data file or folder" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+NOBOS = TOKENIZER.parent / "ascii_nobos"
+CHAT_ROWS = [{"prompt": [{"role": "user", "content": "ab"}],
+              "chosen": [{"role": "assistant", "content": "cde"}],
+              "rejected": [{"role": "assistant", "content": "f"}]}]
+
+
+def test_messages_name_the_flags_not_the_config_keys(tmp_path, capsys):
+    script = load_script()
+    bad = write(tmp_path / "bad.jsonl", ROWS[:2] + [{"prompt": "q", "chosen": None,
+                                                     "rejected": "s"}])
+    assert script.main(["--data", bad, "--tokenizer", str(TOKENIZER), "--bad-rows",
+                        "error"]) == 1
+    err = capsys.readouterr().err
+    assert "bad.jsonl:3: field 'chosen': expected a string, found null" in err
+    assert "set --bad-rows skip" in err and "data." not in err
+    chat = write(tmp_path / "chat.jsonl", CHAT_ROWS)
+    assert script.main(["--data", chat, "--tokenizer", str(NOBOS)]) == 1
+    err = capsys.readouterr().err
+    assert "has no chat_template" in err and "set --chat-template to a .jinja file" in err
+    assert "data." not in err
+    renamed = write(tmp_path / "se.jsonl", [{"question": r["prompt"], "response_j": r["chosen"],
+                                            "response_k": r["rejected"]} for r in ROWS])
+    assert script.main(["--data", renamed, "--tokenizer", str(TOKENIZER)]) == 1
+    err = capsys.readouterr().err
+    assert "e.g. --columns prompt=question,chosen=response_j,rejected=response_k" in err
+    assert "--format" in err and "data." not in err
+
+
+def test_chat_template_and_columns_flags(tmp_path, capsys):
+    script = load_script()
+    jinja = tmp_path / "t.jinja"
+    jinja.write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    chat = write(tmp_path / "chat.jsonl", CHAT_ROWS)
+    assert script.main(["--data", chat, "--tokenizer", str(NOBOS), "--chat-template",
+                        str(jinja)]) == 0
+    # Prompt "ab", completion "cde" + EOS, no BOS: 2 + 3 + 1.
+    assert "chat: num_tokens_chosen_input=6\n" in capsys.readouterr().out
+    renamed = write(tmp_path / "se.jsonl", [{"question": r["prompt"], "response_j": r["chosen"],
+                                            "response_k": r["rejected"]} for r in ROWS])
+    assert script.main(["--data", renamed, "--tokenizer", str(TOKENIZER), "--columns",
+                        "prompt=question, chosen=response_j,rejected=response_k"]) == 0
+    assert capsys.readouterr().out == EXPECTED.replace("NAME", "se")
+    assert script.main(["--data", renamed, "--tokenizer", str(TOKENIZER), "--columns",
+                        "prompt"]) == 1
+    assert "--columns 'prompt': expected field=column pairs" in capsys.readouterr().err

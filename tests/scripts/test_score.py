@@ -110,7 +110,9 @@ def test_reward_accuracy_against_a_reference(tmp_path):
 
 def test_too_long_for_the_packing_length_is_refused(scored):
     score, _, _ = scored
-    with pytest.raises(ValueError, match="more than data.packing_length = 128"):
+    # Messages name the script's flags, not the config keys.
+    with pytest.raises(ValueError, match=r"more than --packing-length = 128; raise "
+                                         r"--packing-length or set --max-length$"):
         score("paired+packed", "--packing-length", "128")
 
 
@@ -120,3 +122,26 @@ def test_cli_error_is_one_line(tmp_path):
                             cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.startswith("error: ") and "config.json" in result.stderr
+
+
+def test_data_messages_name_the_flags_and_chat_template_is_a_flag(hf_checkpoint, tmp_path):
+    folder, _ = hf_checkpoint("llama_gqa")
+    script = load_script()
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "Q", "chosen": None, "rejected": "b"}) + "\n"
+                    + json.dumps({"prompt": "Q", "chosen": "a", "rejected": "b"}) + "\n")
+    args = ["--model", str(folder), "--data", str(data), "--out", str(tmp_path / "o.jsonl"),
+            "--tokenizer", str(TOKENIZER)]
+    with pytest.raises(ValueError) as info:
+        script.main(args)
+    assert str(info.value).startswith(f"{data}:1: field 'chosen': expected a string, found null")
+    assert "set --bad-rows skip" in str(info.value) and "data." not in str(info.value)
+    chat = {"prompt": [{"role": "user", "content": "hi"}],
+            "chosen": [{"role": "assistant", "content": "yes"}],
+            "rejected": [{"role": "assistant", "content": "no"}]}
+    data.write_text(json.dumps(chat) + "\n")
+    with pytest.raises(ValueError, match=r"conversational but --chat-template none; set it"):
+        script.main(args + ["--chat-template", "none"])
+    script.main(args + ["--chat-template", "{% for m in messages %}{{ m.content }}{% endfor %}"])
+    record, = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert (record["chosen_tokens"], record["rejected_tokens"]) == (4, 3)  # "yes"/"no" + EOS
