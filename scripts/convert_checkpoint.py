@@ -7,7 +7,8 @@
 checkpoints hold them, for tools that read DCP. `dcp-to-hf` reads the model weights of such a
 folder, or of a training checkpoint (`output_dir/step_NNNNNNNN`), and writes config.json (from
 `--hf-config`, every field preserved), safetensors shards and the tokenizer files found in
-`--hf-config`. Tensors keep their dtype, so HF -> DCP -> HF is bit-identical.
+`--hf-config`. Tensors keep their dtype, so HF -> DCP -> HF is bit-identical. A LoRA run's
+checkpoint is written merged, `W + B A alpha / rank` (alpha and rank from its config.toml).
 
 DCP stores its `.metadata` file as a Python pickle, which torch.distributed.checkpoint reads:
 convert only DCP folders you trust (your own runs). Safetensors are never unpickled.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tomllib
 import warnings
 from pathlib import Path
 
@@ -29,6 +31,7 @@ from model.config import ModelConfig
 from model.hf_checkpoint import (copy_tokenizer_files, expected_shapes, load_state_dict,
                                  resolve_model_dir, save_hf_checkpoint)
 from train.checkpoint import describe
+from train.lora import merged_state_dict, split_state_dict
 
 MODEL_KEY = "model"
 
@@ -60,6 +63,9 @@ def read_dcp_model(ckpt: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight")
         state.pop("lm_head.weight", None)
+    # A LoRA run's checkpoint also holds its adapters: read them too, and fold them in below.
+    _, adapters = split_state_dict(state)
+    expected.update({name: tuple(state[name].shape) for name in adapters})
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -73,7 +79,22 @@ def read_dcp_model(ckpt: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
         dcp.load({MODEL_KEY: state}, storage_reader=dcp.FileSystemReader(ckpt), no_dist=True)
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - truncated or missing files
         raise ValueError(f"{ckpt}: the model tensors cannot be read ({describe(e)})") from None
+    if adapters:
+        lora = lora_section(ckpt)
+        state = merged_state_dict(state, lora["alpha"] / lora["rank"])
     return state
+
+
+def lora_section(ckpt: Path) -> dict:
+    """The [lora] section of the run config saved with a checkpoint (its alpha and rank)."""
+    try:
+        lora = tomllib.loads((ckpt / "config.toml").read_text())["lora"]
+        if lora["rank"] > 0 and lora["alpha"] > 0:
+            return lora
+    except (OSError, tomllib.TOMLDecodeError, KeyError, TypeError):
+        pass
+    raise ValueError(f"{ckpt}: holds LoRA adapters but no config.toml with lora.rank and "
+                     "lora.alpha to merge them with")
 
 
 def dcp_to_hf(ckpt: Path, hf_config: Path, out: Path) -> None:

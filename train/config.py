@@ -23,12 +23,15 @@ from typing import Any
 from data.config import DataConfig
 from train.losses import LossConfig
 
-REFERENCE_MODES = ("precomputed", "live", "none")
+REFERENCE_MODES = ("auto", "precomputed", "live", "none", "adapters_off")
 SCHEDULES = ("cosine", "linear", "constant")
 NONFINITE_POLICIES = ("stop", "skip")
 DEVICES = ("auto", "cpu", "cuda")
 ATTENTION_EXECUTORS = ("auto", "flex", "documents", "dense")
 FLEX_BACKENDS = ("triton", "flash")
+REPORTERS = ("tensorboard", "wandb")
+# The projections LoRA may adapt (Hugging Face leaf names); all of them by default.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -48,7 +51,9 @@ class ReferenceSection:
     # precomputed: one no-grad pass of the initial model before training, cached on disk
     # live: a frozen copy of the initial model runs beside the policy
     # none: reference-free losses only (simpo, sft)
-    mode: str = "precomputed"
+    # adapters_off: the policy itself with its LoRA adapters disabled (needs lora.rank > 0)
+    # auto: adapters_off with LoRA, else precomputed (resolved when the config is built)
+    mode: str = "auto"
     cache_dir: str = ""       # "" = ~/.cache/prefixdpo/reference
 
     def __post_init__(self) -> None:
@@ -93,7 +98,10 @@ class TrainSection:
     attention: str = "auto"
     flex_backend: str = "triton"     # FlexAttention kernels: triton | flash (FlashAttention-4)
     eval_every: int = 0              # steps; 0 = at the end only (when there is eval data)
+    eval_on_start: bool = False      # also before the first step (a run starting at step 0)
     nonfinite: str = "stop"          # a NaN/inf loss: stop (keeping the last checkpoint) | skip
+    # experiment trackers beside metrics.jsonl: any of tensorboard, wandb (train.reporting)
+    report_to: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.output_dir.strip():
@@ -103,6 +111,8 @@ class TrainSection:
         _check_choice("train.nonfinite", self.nonfinite, NONFINITE_POLICIES)
         _check_choice("train.attention", self.attention, ATTENTION_EXECUTORS)
         _check_choice("train.flex_backend", self.flex_backend, FLEX_BACKENDS)
+        for reporter in self.report_to:
+            _check_choice("train.report_to", reporter, REPORTERS)
         for name in ("steps", "log_every", "micro_batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1")
@@ -123,6 +133,25 @@ class CheckpointSection:
 
 
 @dataclass(frozen=True)
+class LoraSection:
+    rank: int = 0             # 0 = full fine-tuning; > 0: train LoRA adapters, base frozen
+    alpha: float = 16.0       # the adapters' output is scaled by alpha / rank
+    dropout: float = 0.0      # on the adapters' input
+    target_modules: tuple[str, ...] = LORA_TARGETS
+    init_seed: int = 0        # seed of the adapters' A matrices (B starts at zero)
+    export_merged: bool = False  # also export the merged full weights to output_dir/hf
+
+    def __post_init__(self) -> None:
+        if self.rank < 0 or self.alpha <= 0 or not 0 <= self.dropout < 1:
+            raise ValueError("lora.rank must be >= 0, lora.alpha > 0 and lora.dropout in [0, 1)")
+        if not self.target_modules:
+            raise ValueError("lora.target_modules is empty; name some of: "
+                             f"{', '.join(LORA_TARGETS)}")
+        for name in self.target_modules:
+            _check_choice("lora.target_modules", name, LORA_TARGETS)
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelSection
     data: DataConfig
@@ -131,10 +160,17 @@ class Config:
     optim: OptimSection
     train: TrainSection
     checkpoint: CheckpointSection
+    lora: LoraSection = dataclasses.field(default_factory=LoraSection)
 
     def __post_init__(self) -> None:
         if not self.data.path.strip():
             raise ValueError("data.path is required: a preference data file or hub dataset id")
+        if self.reference.mode == "auto":
+            mode = "adapters_off" if self.lora.rank else "precomputed"
+            object.__setattr__(self, "reference", dataclasses.replace(self.reference, mode=mode))
+        if self.reference.mode == "adapters_off" and not self.lora.rank:
+            raise ValueError("reference.mode = 'adapters_off' needs LoRA adapters: set "
+                             "lora.rank > 0, or choose another reference mode")
         if self.reference.mode == "none" and self.loss.needs_reference:
             raise ValueError(f"reference.mode = 'none' but loss.type {list(self.loss.type)} "
                              "needs a reference; use simpo/sft or another reference mode")
@@ -224,6 +260,11 @@ def _coerce(value: Any, hint: Any, where: str, source: str) -> Any:
             except ValueError:
                 continue
         raise fail()
+    if origin is dict:  # a TOML table, e.g. data.columns = {prompt = "question"}
+        if not isinstance(value, dict):
+            raise fail()
+        return {_coerce(k, args[0], where, source): _coerce(v, args[1], f"{where}.{k}", source)
+                for k, v in value.items()}
     if origin is tuple:
         if isinstance(value, str):  # "a,b" from the command line
             value = [v.strip() for v in value.split(",") if v.strip()]
@@ -259,6 +300,8 @@ def _type_name(hint: Any) -> str:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in args)
+    if origin is dict:
+        return f"a table {{key = value, ...}}, each value {_type_name(args[1])}"
     if origin is tuple:
         if len(args) == 2 and args[1] is Ellipsis:
             return f"a list of {_type_name(args[0])}"
@@ -288,4 +331,7 @@ def _toml_value(value: Any) -> str:
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, (tuple, list)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_toml_value(str(k))} = {_toml_value(v)}"
+                               for k, v in value.items()) + "}"
     raise AssertionError(f"cannot write {value!r} as TOML")

@@ -13,13 +13,17 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import shutil
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from data.loader import PreferenceLoader, StepBatches
 from model.hf_checkpoint import save_hf_checkpoint
@@ -27,7 +31,8 @@ from model.masks import FLEX_BLOCK_SIZE
 from model.transformer import set_flex_backend
 from data.dataset import chat_template_override
 from train.build import ModelSource, load_run_data, tokenizer_for
-from train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from train.checkpoint import (IncompleteCheckpoint, list_checkpoints, load_checkpoint,
+                              save_checkpoint)
 from train.config import Config, to_toml
 from train.distributed import Distributed, broadcast_text, setup, teardown
 from train.forward import pair_losses
@@ -38,6 +43,10 @@ from train.parallelize import freeze, parallelize, reshard
 from train.reference import (LiveReference, Reference, TableReference, cache_key,
                              default_cache_dir, model_fingerprint, no_reference,
                              reference_log_probs)
+from train.lora import (AdaptersOffReference, add_lora, export_adapters, init_lora,
+                        merged_state_dict)
+from train.reporting import Reporter, check_available
+from train.run_dir import RunLock, check_writable, write_error
 from train.scoring import attention_executor, row_multiple
 
 # Per-pair metrics, summed over the step's pairs and divided by their number when logged.
@@ -78,8 +87,8 @@ class StepResult:
 def train_step(model: torch.nn.Module, batches: StepBatches, *, reference: Reference,
                loss_config: LossConfig, loss_state: LossState, optimizer: torch.optim.Optimizer,
                max_grad_norm: float, env: Distributed, attention: str,
-               stop_requested: bool = False, flex_block_size: int = FLEX_BLOCK_SIZE
-               ) -> tuple[StepResult, LossState]:
+               stop_requested: bool | Callable[[], bool] = False,
+               flex_block_size: int = FLEX_BLOCK_SIZE) -> tuple[StepResult, LossState]:
     """Forward and backward over this rank's micro-batches, then one optimizer update (skipped
     when the loss or the gradient is not finite).
 
@@ -87,7 +96,8 @@ def train_step(model: torch.nn.Module, batches: StepBatches, *, reference: Refer
     host from the loader's plan), so the micro-batches are queued on the device without a
     collective or a host read. After the last backward the step synchronizes once: one
     all-reduce of the loss and metric sums with every rank's stop request, and one read of
-    them together with the gradient norm."""
+    them together with the gradient norm. `stop_requested` may be a function: it is asked
+    after the last backward, so a stop asked for during the step ends this step."""
     if not isinstance(batches, StepBatches):
         raise TypeError("train_step takes the loader's StepBatches (for micro-batches of a "
                         "single process: StepBatches.single_process(batches))")
@@ -107,8 +117,8 @@ def train_step(model: torch.nn.Module, batches: StepBatches, *, reference: Refer
                             + [metrics[name].detach().sum().double() for name in PAIR_METRICS])
     # Then the stop request, summed over ranks with them. `full` fills on the device; a tensor
     # made from a Python number would be a blocking copy.
-    sums = torch.cat([sums, torch.full((1,), float(stop_requested), dtype=sums.dtype,
-                                       device=device)])
+    stop = stop_requested() if callable(stop_requested) else stop_requested
+    sums = torch.cat([sums, torch.full((1,), float(stop), dtype=sums.dtype, device=device)])
     if env.world_size > 1:
         torch.distributed.all_reduce(sums)
         if "bco_pair" in loss_config.type:
@@ -196,13 +206,26 @@ def evaluate(model: torch.nn.Module, loader: PreferenceLoader, *, reference: Ref
 
 class StopSignal:
     """SIGTERM / SIGINT ask for a clean stop: the loop saves a checkpoint at the end of the
-    current step and exits. A second SIGINT interrupts at once."""
+    current step and exits. A second SIGINT interrupts at once. Under torchrun, a worker whose
+    launcher is gone (its parent process changed: the agent died and the worker was
+    re-parented) stops the same way; call the object to ask whether to stop."""
 
     def __init__(self):
         self.requested = False
+        self.orphaned = False
+        # torchrun sets TORCHELASTIC_RUN_ID in its workers' environment. Not LOCAL_RANK alone:
+        # other launchers set it too, and their parent may end on purpose (a script that
+        # starts the run in the background and exits).
+        launched = "TORCHELASTIC_RUN_ID" in os.environ
+        self._parent = os.getppid() if launched else None
         self._previous = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
+
+    def __call__(self) -> bool:
+        if not self.requested and self._parent is not None and os.getppid() != self._parent:
+            self.requested = self.orphaned = True
+        return self.requested
 
     def _handle(self, signum, frame) -> None:
         if self.requested and signum == signal.SIGINT:
@@ -219,7 +242,17 @@ def train(config: Config) -> Path:
     is left as it is: other ranks may be waiting in a collective, so the caller reports the
     error and exits, and the launcher stops the others."""
     env = setup(config.train.device)
-    output_dir = _train(config, env)
+    lock = None
+    if env.is_main:
+        # Before any work: a folder that cannot be written, or that another run writes to,
+        # ends the run here rather than at the first file written.
+        check_writable(Path(config.train.output_dir))
+        lock = RunLock(Path(config.train.output_dir)).acquire()
+    try:
+        output_dir = _train(config, env)
+    finally:
+        if lock is not None:
+            lock.release()
     teardown()
     return output_dir
 
@@ -237,19 +270,26 @@ def _train(config: Config, env: Distributed) -> Path:
         logging.getLogger("data").setLevel(logging.ERROR)
     log(f"config (resolved):\n{config_toml}")
     log(f"{env.world_size} rank(s) on {device.type}")
+    check_available(cfg_train.report_to)  # a missing tracker package, before any work
 
     # Data.
     source = ModelSource.from_section(config.model)
     tokenizer = tokenizer_for(config.data, source)
-    data = load_run_data(config.data, tokenizer, cfg_train.seed, progress=env.is_main)
+    data = load_run_data(config.data, tokenizer, cfg_train.seed, progress=env.is_main,
+                         max_positions=source.config.max_position_embeddings)
     log(data.summary())
 
     # The initial model, sharded while still on the meta device: each rank then allocates, and
     # reads or draws, only its own shards. Parameters are float32; CUDA computes in bfloat16.
     model = source.build(device, shard=lambda meta_model: parallelize(
-        meta_model, env.mesh, mixed_precision=cuda,
+        add_lora(meta_model, config.lora), env.mesh, mixed_precision=cuda,
         activation_checkpointing=cfg_train.activation_checkpointing,
         compile=cfg_train.compile and cuda))
+    if config.lora.rank:
+        init_lora(model, config.lora.init_seed)  # B = 0: the model starts as its base
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        log(f"LoRA rank {config.lora.rank} on {', '.join(config.lora.target_modules)}: "
+            f"{trainable / 1e6:.2f}M trainable parameters, the base frozen")
     if attention == "flex":
         set_flex_backend(model, cfg_train.flex_backend)  # before the first (compiling) call
     log(f"model: {source.config.architecture}, {source.config.num_params / 1e6:.1f}M parameters")
@@ -270,10 +310,10 @@ def _train(config: Config, env: Distributed) -> Path:
     state = TrainState()
     checkpoints = list_checkpoints(output_dir) if config.checkpoint.resume else []
     if checkpoints:
-        saved = load_checkpoint(checkpoints[-1], model, optimizer, env.rank)
+        saved, resumed_from = _load_latest(checkpoints, model, optimizer, env.rank, log)
         state = TrainState.from_state_dict(saved["train"])
         loader.load_state_dict(saved["loader"])
-        log(f"resumed from {checkpoints[-1]} (step {state.step})")
+        log(f"resumed from {resumed_from} (step {state.step})")
 
     def checkpoint() -> Path:
         return save_checkpoint(
@@ -288,13 +328,16 @@ def _train(config: Config, env: Distributed) -> Path:
                                             loss_state=state.loss_state, env=env,
                                             attention=attention), prefix="eval ")
 
-    logger = MetricsLogger(output_dir, cfg_train.steps, state.step, env.is_main)
+    logger = MetricsLogger(output_dir, cfg_train.steps, state.step, env.is_main, Reporter(
+        cfg_train.report_to, output_dir, state.step, env.is_main, config, config_toml))
     log = logger.print  # above the progress bar from now on
     stop = StopSignal()
     peak = peak_flops(device)
     window = _Window()
     last_saved = state.step if checkpoints else -1
     batches_iter = iter(loader)
+    if cfg_train.eval_on_start and state.step == 0:
+        run_eval()
     try:
         while state.step < cfg_train.steps:
             start = time.perf_counter()
@@ -305,7 +348,7 @@ def _train(config: Config, env: Distributed) -> Path:
                     model, batches, reference=reference, loss_config=config.loss,
                     loss_state=state.loss_state, optimizer=optimizer,
                     max_grad_norm=config.optim.max_grad_norm, env=env, attention=attention,
-                    stop_requested=stop.requested)
+                    stop_requested=stop)
             except torch.OutOfMemoryError:
                 raise ValueError(
                     "out of memory in the training step: lower train.micro_batch_size or "
@@ -328,7 +371,7 @@ def _train(config: Config, env: Distributed) -> Path:
             state.pairs_seen += result.num_pairs
             state.tokens_seen += result.num_tokens
             flops = sum(forward_flops(b, source.config) for b in batches) * (
-                3 + (config.reference.mode == "live"))
+                3 + (config.reference.mode in ("live", "adapters_off")))
             window.add(time.perf_counter() - start, result, flops)
             logger.advance()
             if (state.step % cfg_train.log_every == 0 or state.step == cfg_train.steps
@@ -341,7 +384,8 @@ def _train(config: Config, env: Distributed) -> Path:
             if cfg_train.eval_every and state.step % cfg_train.eval_every == 0:
                 run_eval()
             if result.stop_requested:
-                log(f"stop requested: saving a checkpoint at step {state.step}")
+                why = "the launcher is gone" if stop.orphaned else "stop requested"
+                log(f"{why}: saving a checkpoint at step {state.step}")
                 checkpoint()
                 return output_dir
             if config.checkpoint.every and state.step % config.checkpoint.every == 0:
@@ -351,9 +395,18 @@ def _train(config: Config, env: Distributed) -> Path:
             run_eval()
         if last_saved != state.step:
             checkpoint()
-        if config.checkpoint.export_hf:
+        if config.checkpoint.export_hf and config.lora.rank:
+            adapter_dir = export_adapters(
+                model, config.lora, output_dir / "adapter", is_main=env.is_main,
+                base_model=config.model.path, tokenizer_dir=tokenizer.folder,
+                chat_template=chat_template_override(config.data))
+            log(f"exported a PEFT LoRA adapter to {adapter_dir}")
+        if config.checkpoint.export_hf and (not config.lora.rank or config.lora.export_merged):
+            merge = (lambda state: merged_state_dict(state, config.lora.alpha / config.lora.rank)
+                     ) if config.lora.rank else None
             export_dir = export(model, source, tokenizer.folder,
-                                chat_template_override(config.data), output_dir / "hf", env)
+                                chat_template_override(config.data), output_dir / "hf", env,
+                                state_transform=merge)
             log(f"exported a Hugging Face checkpoint to {export_dir}")
     finally:
         batches_iter.close()  # stops the loader's background thread
@@ -362,11 +415,32 @@ def _train(config: Config, env: Distributed) -> Path:
     return output_dir
 
 
+def _load_latest(checkpoints: list[Path], model: torch.nn.Module,
+                 optimizer: torch.optim.Optimizer, rank: int, log) -> tuple[dict, Path]:
+    """Restore the newest complete checkpoint: one whose data files are partly gone is
+    passed over, with a line saying which and why. Every rank sees the same failures (DCP
+    gathers them), so all ranks pick the same checkpoint."""
+    for i, path in enumerate(reversed(checkpoints)):
+        try:
+            return load_checkpoint(path, model, optimizer, rank), path
+        except IncompleteCheckpoint as e:
+            older = checkpoints[-2 - i] if i + 1 < len(checkpoints) else None
+            if older is None:
+                raise ValueError(f"{e}, and there is no older checkpoint to resume from; set "
+                                 "checkpoint.resume = false or use another train.output_dir"
+                                 ) from None
+            log(f"warning: {e}; resuming from the previous checkpoint {older} instead")
+    raise AssertionError("unreachable")
+
+
 def _reference(config: Config, source: ModelSource, model: torch.nn.Module, data, env,
                attention: str, log) -> tuple[Reference, Reference]:
     mode = config.reference.mode
     if mode == "none":
         return no_reference, no_reference
+    if mode == "adapters_off":
+        base = AdaptersOffReference(model)
+        return base, base
     if mode == "live":
         # A second copy of the initial weights, built as the policy was (sharded on the meta
         # device, then only this rank's shards read or drawn) and stored in the compute
@@ -403,23 +477,38 @@ def _reference(config: Config, source: ModelSource, model: torch.nn.Module, data
 
 
 def export(model: torch.nn.Module, source: ModelSource, tokenizer_folder: Path | None,
-           chat_template: str | None, out: Path, env: Distributed) -> Path:
+           chat_template: str | None, out: Path, env: Distributed,
+           state_transform: Callable[[dict], dict] | None = None) -> Path:
     """Gather the full weights on rank 0 and write a Hugging Face checkpoint, in the dtype of
     the source checkpoint's config (float32 for a random initialization), with the tokenizer
     the run used and the chat template it rendered with (chat_template.jinja, which
-    transformers prefers to the one in tokenizer_config.json)."""
+    transformers prefers to the one in tokenizer_config.json). `state_transform` maps the
+    gathered state dict first (LoRA: fold the adapters into the weights)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
                                                                   cpu_offload=True))
     if env.is_main:
+        if state_transform is not None:
+            state = state_transform(state)
         dtype_name = source.config.hf_config.get("torch_dtype") or \
             source.config.hf_config.get("dtype") or "float32"
         dtype = getattr(torch, dtype_name, torch.float32)
         state = {k: v.to(dtype) for k, v in state.items()}
-        save_hf_checkpoint(state, source.config, out, tokenizer_dir=tokenizer_folder)
-        if chat_template is not None:
-            (out / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
+        # Written under a temporary name and renamed when complete, as checkpoints are: a
+        # folder named `out` is always a whole export.
+        tmp = out.with_name(f".{out.name}.tmp")
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            save_hf_checkpoint(state, source.config, tmp, tokenizer_dir=tokenizer_folder)
+            if chat_template is not None:
+                (tmp / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
+            shutil.rmtree(out, ignore_errors=True)
+            os.replace(tmp, out)
+        except (OSError, SafetensorError) as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise write_error(out, e, "The last training checkpoint is complete: free disk "
+                              "space and run the same command again to export") from None
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     return out

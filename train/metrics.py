@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import resource
 import sys
 from pathlib import Path
@@ -23,6 +24,7 @@ from tqdm import tqdm
 
 from data.layout import PADDING_DOCUMENT, Batch
 from model.config import ModelConfig
+from train.run_dir import write_error
 
 logger = logging.getLogger(__name__)
 
@@ -84,16 +86,31 @@ class MetricsLogger:
     """Rank 0 prints one line per logged step (above a tqdm bar) and appends the same values
     to `metrics.jsonl`; other ranks stay quiet."""
 
-    def __init__(self, output_dir: Path, total_steps: int, start_step: int, enabled: bool):
+    def __init__(self, output_dir: Path, total_steps: int, start_step: int, enabled: bool,
+                 reporter: Any = None):
         self.enabled = enabled
+        self.reporter = reporter  # experiment trackers (train.reporting.Reporter), or None
         self.path = output_dir / "metrics.jsonl"
         self.bar = None
+        # (step, kind) of the records already in the file for the resumed step: a run resumed
+        # from its last checkpoint (to retry the export, say) does not log them twice.
+        self.logged: set[tuple[int, str]] = set()
         if not enabled:
             return
         if start_step and self.path.is_file():
             # A resumed run logs again the steps after its checkpoint: drop the old lines.
             kept = _lines_up_to(self.path, start_step)
-            self.path.write_text("".join(line + "\n" for line in kept))
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            try:
+                tmp.write_text("".join(line + "\n" for line in kept))
+                os.replace(tmp, self.path)  # a kill or a full disk here keeps the old file
+            except OSError as e:
+                tmp.unlink(missing_ok=True)
+                raise write_error(self.path, e, "Free disk space and run again") from None
+            for line in kept:
+                record = json.loads(line)
+                if record["step"] == start_step:
+                    self.logged.add((start_step, _kind(record)))
         elif not start_step:
             self.path.unlink(missing_ok=True)
         self.bar = tqdm(total=total_steps, initial=start_step, desc="training", unit="step",
@@ -107,8 +124,16 @@ class MetricsLogger:
         if not self.enabled:
             return
         record = {"step": step, **metrics}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if (step, _kind(record)) in self.logged:
+            return
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise write_error(self.path, e, "Free disk space, then run the same command again: "
+                              "it resumes from the last checkpoint") from None
+        if self.reporter is not None:
+            self.reporter.log(step, metrics)
         shown = " ".join(f"{k}={_short(v)}" for k, v in metrics.items())
         message = f"{prefix}step {step}: {shown}"
         if self.bar is not None:
@@ -124,6 +149,8 @@ class MetricsLogger:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        if self.reporter is not None:
+            self.reporter.close()
 
 
 def _lines_up_to(path: Path, step: int) -> list[str]:
@@ -147,6 +174,11 @@ def _lines_up_to(path: Path, step: int) -> list[str]:
         logger.warning("%s: dropped %d unreadable line(s) (a line cut short when the run "
                        "stopped, for instance)", path, dropped)
     return kept
+
+
+def _kind(record: dict[str, Any]) -> str:
+    """"eval" for an evaluation record, "train" for a training one."""
+    return "eval" if any(key.startswith("eval/") for key in record) else "train"
 
 
 def _short(value: Any) -> str:

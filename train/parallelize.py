@@ -44,8 +44,10 @@ def parallelize(model: Transformer, mesh: DeviceMesh, *, mixed_precision: bool,
     shard = functools.partial(fully_shard, mesh=mesh, mp_policy=policy)
     for index, layer in enumerate(model.layers):
         if activation_checkpointing:
-            # The wrapper's state-dict hooks keep the parameter names unchanged.
-            layer = checkpoint_wrapper(layer, preserve_rng_state=False)
+            # The wrapper's state-dict hooks keep the parameter names unchanged. Dropout
+            # inside the layer (LoRA's) needs the recomputation to draw the same masks.
+            dropout = any(isinstance(m, nn.Dropout) and m.p > 0 for m in layer.modules())
+            layer = checkpoint_wrapper(layer, preserve_rng_state=dropout)
         if compile:
             layer.compile()
         model.layers[index] = layer

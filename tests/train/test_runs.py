@@ -266,3 +266,17 @@ def test_bco_pair_across_epochs_and_ranks(run_config, tmp_path):
     assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
     state = json.loads((out_dir / "step_00000006" / "train_state.json").read_text())
     assert state["train"]["loss_state"]["num_updates"] > 0
+
+
+def test_eval_on_start_measures_the_initial_model(run_config, tmp_path):
+    """`train.eval_on_start`: an evaluation before the first step, where the policy is the
+    reference (eval loss ln 2, no pair ranked right yet), and one at the end."""
+    out_dir = tmp_path / "run"
+    run(run_config, "--train.steps=2", "--checkpoint.every=0", "--checkpoint.export_hf=false",
+        "--data.eval_fraction=0.25", "--train.eval_on_start=true")
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r for r in records if "eval/loss" in r}
+    assert sorted(evals) == [0, 2]
+    assert evals[0]["eval/loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert evals[0]["eval/rewards/accuracies"] == 0.0
+    assert evals[2]["eval/loss"] != pytest.approx(math.log(2), abs=1e-6)
