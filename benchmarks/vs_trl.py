@@ -653,7 +653,8 @@ def run_ours(spec: dict[str, Any], layout: str, channel: Channel) -> None:
         + (" (one row per step, its tokens rounded up)" if is_packed(layout)
            and spec["packing_length"] == "step" else ""),
         "row_multiple": row_multiple(attention), "compiled_layers": compiled,
-        "attention": "FlexAttention" if cuda else "dense mask (scaled_dot_product_attention)",
+        "attention": "FlexAttention" if attention == "flex" else
+        f"{attention} executor (scaled_dot_product_attention)",
         "mixed_precision": "bfloat16 compute, float32 parameters" if cuda else "none (float32)",
         "reference": "precomputed table (train.reference.reference_log_probs)",
         "optimizer": _optimizer_settings(optimizer), "loss": "sigmoid", "beta": spec["beta"],
