@@ -73,10 +73,11 @@ def test_token_differences_name_the_reason(vs_trl):
     assert diff(([1, 5, 6], [7, 2]), ([1, 5, 6], [7, 2]), bos, eos) == []
     assert diff(([5, 6], [7, 2]), ([1, 5, 6], [7, 2]), bos, eos) == ["BOS only in ours"]
     assert diff(([1, 5, 6], [7]), ([1, 5, 6], [7, 2]), bos, eos) == ["EOS only in ours"]
-    # SentencePiece: a completion encoded alone starts with an extra "▁" (id 9 here).
+    # Tokens merged across the boundary: ours is then the completion encoded alone, which
+    # with SentencePiece starts with an extra "▁" (id 9 here).
     assert diff(([1, 5, 6], [7, 2]), ([1, 5, 6], [9, 7, 2]), bos, eos) == [
-        "completion starts differently (ours encodes the completion alone, TRL encodes prompt "
-        "+ completion together)"]
+        "completion starts differently (tokens merged across the boundary: ours is then the "
+        "completion encoded alone)"]
     assert diff(([1, 5], [6, 7, 2]), ([1, 5, 6], [7, 2]), bos, eos) == [
         "same tokens, split differently into prompt and completion"]
     assert diff(([1, 5], [8, 7, 2]), ([1, 5, 6], [7, 2]), bos, eos) == [
