@@ -116,3 +116,15 @@ def row_tensors(groups: list[tuple[int, tuple[int, ...]]], length: int
     pad = length - len(documents)
     assert pad >= 0
     return documents + [PADDING_DOCUMENT] * pad, segments + [0] * pad, positions + [0] * pad
+
+
+def causal_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """Logits of each row of `input_ids` alone, causally, through the dense-mask path."""
+    from model.masks import build_attention_mask
+
+    batch, seq_len = input_ids.shape
+    positions = torch.arange(seq_len).expand(batch, seq_len)
+    zeros = torch.zeros_like(input_ids)
+    mask = build_attention_mask(zeros, zeros, positions, model.config.sliding_window,
+                                executor="dense")
+    return model.logits(model(input_ids, positions, mask))

@@ -6,22 +6,13 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import HF_VARIANTS
+from conftest import HF_VARIANTS, causal_logits
 
 from model.hf_checkpoint import load_model, save_hf_checkpoint
 from model.masks import build_attention_mask
 from model.transformer import build_model
 
 SEQ_LEN = 24  # longer than the Mistral window (8) and the llama3 original context (16)
-
-
-def causal_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
-    batch, seq_len = input_ids.shape
-    positions = torch.arange(seq_len).expand(batch, seq_len)
-    zeros = torch.zeros_like(input_ids)
-    mask = build_attention_mask(zeros, zeros, positions, model.config.sliding_window,
-                                executor="dense")
-    return model.logits(model(input_ids, positions, mask))
 
 
 @pytest.mark.parametrize("variant", sorted(HF_VARIANTS))

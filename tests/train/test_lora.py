@@ -14,13 +14,12 @@ import tomllib
 
 import pytest
 import torch
-from conftest import random_examples, tiny_config
+from conftest import causal_logits, random_examples, tiny_config
 from safetensors.torch import load_file
 from test_runs import REPO, load_model_initial, losses, run, run_config  # noqa: F401
 
 from data.loader import PreferenceLoader, fit_examples
 from model.hf_checkpoint import load_model, save_hf_checkpoint
-from model.masks import build_attention_mask
 from model.transformer import Transformer, build_model
 from train.build import ModelSource
 from train.config import LoraSection, OptimSection
@@ -34,15 +33,6 @@ from train.optim import build_optimizer
 
 CPU = Distributed(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), mesh=None)
 SEQ_LEN = 20
-
-
-def causal_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
-    batch, seq_len = input_ids.shape
-    positions = torch.arange(seq_len).expand(batch, seq_len)
-    zeros = torch.zeros_like(input_ids)
-    mask = build_attention_mask(zeros, zeros, positions, model.config.sliding_window,
-                                executor="dense")
-    return model.logits(model(input_ids, positions, mask))
 
 
 def adapted(model: Transformer, config: LoraSection, seed: int = 0) -> Transformer:
