@@ -1,10 +1,12 @@
 """Attention executors beside FlexAttention and dense SDPA, and FlexAttention's kernel choice.
 
-- `document_attention` runs attention per span (the "documents" executor of `model.masks`:
-  a span is a document's prompt followed by one of its completions): each bucket of spans is
-  gathered from the rows into a padded batch, attended causally or with its own small mask by
-  `scaled_dot_product_attention`, and scattered back, so the work follows the documents
-  rather than L^2 per row, and never exceeds the paired layout's.
+- `document_attention` runs attention per span (the "documents" executor of `model.masks`):
+  each bucket of spans is gathered from the rows into a padded batch, attended by
+  `scaled_dot_product_attention` (a prompt with its first completion, causally) or by CPU's
+  flash kernel in two parts merged by their log-sum-exp (a further completion: its prompt in
+  full, then itself causally), and scattered back. So the work is the pairs the mask allows
+  rather than L^2 per row, and below the paired layout's. (Off the CPU, a further completion
+  is one masked call.)
 - `flex_kernel_options` turns a FlexAttention backend name (`FLEX_BACKENDS`) into the
   `kernel_options` that `flex_attention` takes, refusing with a ValueError what this torch or
   this machine cannot run. "flash" is FlexAttention's FlashAttention-4 backend
@@ -15,13 +17,14 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import typing
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from model.masks import DocumentMask
+from model.masks import DocumentMask, SpanBucket
 
 FLEX_BACKENDS = ("triton", "flash")
 
@@ -45,6 +48,73 @@ class _Regather(torch.autograd.Function):
         return grad[adjoint].index_fill_(0, adjoint_zeroed, 0), None, None, None, None
 
 
+def _flash_cpu_ops_exist() -> bool:
+    return hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu") and \
+        hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward")
+
+
+def _bias(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """A bool mask as the additive bias the flash kernel takes."""
+    if mask is None:
+        return None
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, -math.inf)
+
+
+class _PromptThenOwnAttention(torch.autograd.Function):
+    """Attention of `q` over a prompt's keys (in full, or under `prompt_mask`) followed by its
+    own keys (causally, or under `mask`), as two calls of CPU's flash kernel merged by their
+    log-sum-exp: C x P + C^2 / 2 pairs rather than the C x (P + C) of one masked call. The
+    backward runs the kernel's backward on each part with the merged output and log-sum-exp,
+    which is each part's share of the gradient of the whole softmax."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, prompt_k: Tensor, prompt_v: Tensor, k: Tensor, v: Tensor,
+                prompt_mask: Tensor | None, mask: Tensor | None) -> Tensor:
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        prompt_bias, bias = _bias(prompt_mask, q.dtype), _bias(mask, q.dtype)
+        prompt_out, prompt_lse = flash(q, prompt_k, prompt_v, 0.0, False, attn_mask=prompt_bias)
+        own_out, own_lse = flash(q, k, v, 0.0, mask is None, attn_mask=bias)
+        if prompt_mask is not None:  # a query that sees no prompt key (a sliding window)
+            prompt_lse = prompt_lse.masked_fill(~prompt_mask.any(-1), -math.inf)
+        lse = torch.logaddexp(prompt_lse, own_lse)
+        out = ((prompt_lse - lse).exp().unsqueeze(-1) * prompt_out.to(lse.dtype)
+               + (own_lse - lse).exp().unsqueeze(-1) * own_out.to(lse.dtype)).to(q.dtype)
+        ctx.save_for_backward(q, prompt_k, prompt_v, k, v, out, lse, prompt_bias, bias)
+        ctx.causal = mask is None
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        q, prompt_k, prompt_v, k, v, out, lse, prompt_bias, bias = ctx.saved_tensors
+        flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+        grad = grad.contiguous()
+        dq, prompt_dk, prompt_dv = flash_backward(grad, q, prompt_k, prompt_v, out, lse, 0.0,
+                                                  False, attn_mask=prompt_bias)
+        own_dq, dk, dv = flash_backward(grad, q, k, v, out, lse, 0.0, ctx.causal,
+                                        attn_mask=bias)
+        return dq + own_dq, prompt_dk, prompt_dv, dk, dv, None, None
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, bucket: SpanBucket) -> Tensor:
+    """One bucket: `q [n, heads, lq, d]` over `k`, `v` `[n, kv_heads, lk, d]`."""
+    if bucket.prompt_keys == 0:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bucket.mask,
+                                              is_causal=bucket.mask is None, enable_gqa=True)
+    lp = bucket.prompt_keys
+    if q.device.type == "cpu" and _flash_cpu_ops_exist():
+        return _PromptThenOwnAttention.apply(q, k[:, :, :lp], v[:, :, :lp], k[:, :, lp:],
+                                             v[:, :, lp:], bucket.prompt_mask, bucket.mask)
+    # Elsewhere one call under the whole mask.
+    shape = (bucket.spans, 1, bucket.queries)
+    prompt_mask = bucket.prompt_mask if bucket.prompt_mask is not None else \
+        torch.ones(*shape, lp, dtype=torch.bool, device=q.device)
+    mask = bucket.mask if bucket.mask is not None else torch.ones(
+        *shape, bucket.keys - lp, dtype=torch.bool, device=q.device).tril()
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=torch.cat([prompt_mask, mask], -1),
+                                          enable_gqa=True)
+
+
 def document_attention(q: Tensor, k: Tensor, v: Tensor, mask: DocumentMask) -> Tensor:
     """Attention `[B, heads, L, head_dim]` of `q [B, heads, L, head_dim]` over `k`, `v`
     `[B, kv_heads, L, head_dim]`, one bucket of spans at a time; equal to dense SDPA with
@@ -58,9 +128,9 @@ def document_attention(q: Tensor, k: Tensor, v: Tensor, mask: DocumentMask) -> T
 
     def per_bucket(slots: Tensor, lengths: list[int]) -> list[Tensor]:
         """[S, h, d] -> per bucket [n, h, length, d]."""
-        sizes = [n * length for (n, _, _), length in zip(mask.shapes, lengths)]
-        return [part.view(n, length, slots.shape[1], head_dim).transpose(1, 2)
-                for (n, _, _), length, part in zip(mask.shapes, lengths, slots.split(sizes))]
+        sizes = [b.spans * length for b, length in zip(mask.buckets, lengths)]
+        return [part.view(b.spans, length, slots.shape[1], head_dim).transpose(1, 2)
+                for b, length, part in zip(mask.buckets, lengths, slots.split(sizes))]
 
     # Queries: each token in one slot, so gathering them back is a gather too. Keys and
     # values: a prompt's are repeated for each of its completions, so their gradient is a
@@ -68,12 +138,11 @@ def document_attention(q: Tensor, k: Tensor, v: Tensor, mask: DocumentMask) -> T
     queries = _Regather.apply(tokens(q), mask.query_slot_token, mask.token_slot,
                               mask.empty_query_slots, no_rows)
     keys, values = (tokens(x).index_select(0, mask.key_slot_token) for x in (k, v))
-    query_lengths, key_lengths = [lq for _, lq, _ in mask.shapes], [lk for *_, lk in mask.shapes]
-    outputs = [F.scaled_dot_product_attention(q_b, k_b, v_b, attn_mask=m, is_causal=m is None,
-                                              enable_gqa=True)
-               for q_b, k_b, v_b, m in zip(per_bucket(queries, query_lengths),
-                                           per_bucket(keys, key_lengths),
-                                           per_bucket(values, key_lengths), mask.masks)]
+    query_lengths, key_lengths = [b.queries for b in mask.buckets], [b.keys for b in mask.buckets]
+    outputs = [_attend(q_b, k_b, v_b, bucket)
+               for q_b, k_b, v_b, bucket in zip(per_bucket(queries, query_lengths),
+                                                per_bucket(keys, key_lengths),
+                                                per_bucket(values, key_lengths), mask.buckets)]
     out = torch.cat([o.transpose(1, 2).reshape(-1, num_heads, head_dim) for o in outputs])
     # Back to row order; the empty slots' outputs are dropped, so their gradient is zero.
     out = _Regather.apply(out, mask.token_slot, mask.query_slot_token, no_rows,

@@ -120,31 +120,47 @@ def block_mask(mask_mod: MaskMod, batch_size: int, seq_len: int, device: torch.d
 
 
 @dataclass(frozen=True)
+class SpanBucket:
+    """`spans` spans of similar sizes, each padded to `queries` query slots and `keys` key
+    slots and attended in one batch. The first `prompt_keys` key slots of a span are its
+    prompt's, which every query of the span sees in full (`prompt_mask`, None: all of them);
+    the other key slots are attended top-left causally (`mask`, None: the causal rule itself,
+    nothing materialized). A bucket with prompt keys is attended in two parts merged by their
+    log-sum-exp (`model.attention`)."""
+
+    spans: int
+    queries: int
+    keys: int
+    prompt_keys: int
+    prompt_mask: Tensor | None  # bool [spans, 1, queries, prompt_keys]
+    mask: Tensor | None         # bool [spans, 1, queries, keys - prompt_keys]
+
+
+@dataclass(frozen=True)
 class DocumentMask:
     """The mask in the form the "documents" executor takes: the rows cut into *spans*, each
-    attended alone by one SDPA call per bucket of similar spans. The keys of a span are a
-    document's prompt followed by one of its completions (or the prompt alone, for a document
-    without completions; a padding token alone). A span is either
+    attended alone, in buckets of similar spans. A span is one of
 
-    - *causal*: its queries are its keys, so top-left causal attention (`is_causal`, which
-      skips the blocks above the diagonal) is the rule. The first completion of a document
-      hosts its prompt's queries; for the other completions the prompt's query slots are
-      *dummies* whose outputs are dropped. Nothing is materialized: its bucket's mask is None.
-    - *masked*: its queries are the completion's tokens alone, attending through an explicit
-      `[lq, lk]` mask; cheaper than a causal span when the completion is short against its
-      prompt (see `_MASKED_COST`).
+    - *causal*: a document's prompt and its first completion (or a prompt alone, a document
+      without a prompt, a padding token alone). Its queries are its keys; the causal rule
+      needs no mask and skips the blocks above the diagonal: (P + C)^2 / 2 pairs.
+    - *completion*: each further completion. Its queries are the completion's tokens; its keys
+      the prompt's (in full) followed by its own (causally): C x P + C^2 / 2 pairs, exactly the
+      pairs the rule allows, where the paired layout pays (P + C)^2 / 2.
 
-    Either way a span's mask is the rule itself, evaluated on the tokens' own row indices (a
-    causal span is checked against it), so each query sees exactly what the dense mask allows.
+    Either way a span's masks are the rule itself, evaluated on the tokens' own row indices,
+    and dropped only where they equal what runs without them (every prompt key, or causal),
+    so each query sees exactly what the dense mask allows (a sliding window keeps its masks).
 
-    A bucket of `n` spans padded to `lq` queries and `lk` keys is `n * lq` consecutive *query
-    slots* and `n * lk` *key slots*; the slots of all buckets in order make `[Sq]` and `[Sk]`.
-    Each token is the *real* query of exactly one slot, so `query_slot_token` and `token_slot`
-    are inverse maps but for the empty query slots (dummies and slots past a span's end: zeros,
-    whose outputs are dropped). A key slot past a span's end repeats a real token that no real
-    query sees. A padding token attends to itself only: its output is finite and never read,
-    and the attention weights stay in the autograd graph even for a micro-batch of padding
-    alone (sharded training reduces the same gradients on every rank).
+    The spans of a bucket padded to `queries` and `keys` are `spans * queries` consecutive
+    *query slots* and `spans * keys` *key slots*; the slots of all buckets in order make `[Sq]`
+    and `[Sk]`. Each token is the *real* query of exactly one slot, so `query_slot_token` and
+    `token_slot` are inverse maps but for the empty query slots past a span's end (zeros,
+    whose outputs are dropped). A key slot past the end of a span's prompt or its own tokens
+    repeats one of them, seen by no real query. A padding token attends to itself only: its
+    output is finite and never read, and the attention weights stay in the autograd graph
+    even for a micro-batch of padding alone (sharded training reduces the same gradients on
+    every rank).
     """
 
     query_slot_token: Tensor   # int64 [Sq]: the flat `[B * L]` index of each query slot's
@@ -152,8 +168,7 @@ class DocumentMask:
     token_slot: Tensor         # int64 [B * L]: each token's query slot
     empty_query_slots: Tensor  # int64 [E]: the query slots whose outputs are dropped
     key_slot_token: Tensor     # int64 [Sk]: the flat index of each key slot's token
-    shapes: tuple[tuple[int, int, int], ...]  # (n, lq, lk) per bucket
-    masks: tuple[Tensor | None, ...]  # bool [n, 1, lq, lk] per bucket; None: causal
+    buckets: tuple[SpanBucket, ...]
     batch_size: int
     seq_len: int
 
@@ -167,11 +182,6 @@ AttentionMask = Union[BlockMask, Tensor, DocumentMask]
 # micro-batch makes a few attention calls (a few per octave of lengths) rather than one per
 # span.
 _BUCKET_BOUNDS = [1, 16] + [m << e for e in range(3, 30) for m in (3, 4)]
-# The cost of a (query, key) pair under an explicit mask against one a causal call computes
-# (CPU SDPA in torch 2.11-2.13: the masked kernel reads the mask and skips no block). A
-# completion of C tokens after a prompt of P attends masked (C x (P + C) pairs) where that
-# is cheaper than causally behind P dummy queries ((P + C)^2 / 2 pairs).
-_MASKED_COST = 1.5
 
 
 def per_document_mask(document_ids: Tensor, segment_ids: Tensor, positions: Tensor,
@@ -179,8 +189,8 @@ def per_document_mask(document_ids: Tensor, segment_ids: Tensor, positions: Tens
     """Cut `[B, L]` rows into spans (see `DocumentMask`) and evaluate `row_mask_mod` on each.
 
     Attention then costs, per document with a prompt of P tokens and completions C_1..C_K,
-    (P + C_1)^2 / 2, plus for each other completion the cheaper of C_k (P + C_k) masked and
-    (P + C_k)^2 / 2 causal: never more than the paired layout's sum of (P + C_k)^2 / 2.
+    (P + C_1)^2 / 2 plus C_k x P + C_k^2 / 2 for each other completion: the pairs the rule
+    allows, against the paired layout's sum of (P + C_k)^2 / 2.
     Shapes depend on the data, so this runs on the host: the tensors are read on the CPU (a
     device sync if they live elsewhere, once per micro-batch) and the result is put on their
     device.
@@ -213,56 +223,67 @@ def per_document_mask(document_ids: Tensor, segment_ids: Tensor, positions: Tens
     prompt_part = torch.full((int(group.max()) + 1,), -1)
     is_prompt = part_segment == 0
     prompt_part[part_group[is_prompt]] = index[is_prompt]
-    # Each completion is a span whose keys begin with its group's prompt (if it has one); the
-    # first completion after a prompt hosts the prompt's queries, so that prompt is no span.
+    # The first completion after a prompt hosts the prompt's queries in one causal span, so
+    # that prompt is no span; each further completion is a completion span.
     own_prompt = prompt_part[part_group]
     has_prompt = ~is_prompt & (own_prompt >= 0)
     is_host = has_prompt & (index == own_prompt + 1)
     is_span = torch.ones(len(part_key), dtype=torch.bool)
     is_span[own_prompt[is_host]] = False
+    causal = ~has_prompt | is_host
     prompt_length = torch.where(has_prompt, count[own_prompt.clamp(min=0)], 0)
     prompt_start = start[own_prompt.clamp(min=0)]
-    num_keys = prompt_length + count
-    causal = ~has_prompt | is_host | (_MASKED_COST * count * 2 >= num_keys)
-    num_queries = torch.where(causal, num_keys, count)
+    # Causal spans: queries = keys = prompt (hosts) + own tokens. Completion spans: queries =
+    # own tokens, keys = prompt tokens, then own tokens.
+    num_queries = torch.where(causal, prompt_length + count, count)
+    num_prompt_keys = torch.where(causal, 0, prompt_length)
 
     bounds = torch.tensor(_BUCKET_BOUNDS)
     bucket_of = (causal.long() * len(bounds) + torch.bucketize(num_queries, bounds)) \
-        * len(bounds) + torch.bucketize(num_keys, bounds)  # bucketize: smallest bound >= it
+        * len(bounds) + torch.bucketize(num_prompt_keys, bounds)  # smallest bound >= it
     mask_mod = row_mask_mod(rows_documents, rows_segments, rows_positions, sliding_window)
-    query_tokens, key_tokens, real, shapes, masks = [], [], [], [], []
+
+    def rule(query: Tensor, key: Tensor) -> Tensor:
+        """The rule for queries `[n, lq]` and keys `[n, lk]` of n spans: `[n, 1, lq, lk]`."""
+        row = (key[:, :1] // seq_len)[:, :, None, None]  # [n, 1, 1, 1]
+        return mask_mod(row, torch.zeros_like(row), (query % seq_len)[:, None, :, None],
+                        (key % seq_len)[:, None, None, :])
+
+    query_tokens, key_tokens, real, buckets = [], [], [], []
     for bucket in bucket_of[is_span].unique().tolist():
         chosen = is_span & (bucket_of == bucket)
         first, length = start[chosen, None], count[chosen, None]  # [n, 1]
-        prompts, keys = prompt_length[chosen, None], num_keys[chosen, None]
-        is_causal = bool(causal[chosen][0])
-        lq, lk = int(num_queries[chosen].max()), int(keys.max())
-        key_offset = torch.arange(lk)
-        # Key j: the prompt's, then the part's own; past the end, the part's last token.
-        own = first + torch.minimum((key_offset - prompts).clamp(min=0), length - 1)
-        key = order[torch.where(key_offset < prompts, prompt_start[chosen, None] + key_offset,
-                                own)]  # [n, lk]
-        if is_causal:  # the queries are the keys; a prompt's are real in its host only
-            query, query_offset = key, key_offset
-            is_real = (key_offset < keys) & ((key_offset >= prompts) | is_host[chosen, None])
-        else:  # the part's own tokens; past the end, its last one
-            query_offset = torch.arange(lq)
-            query = order[first + torch.minimum(query_offset, length - 1)]
-            is_real = query_offset < length
-        row = (key[:, :1] // seq_len)[:, :, None, None]  # [n, 1, 1, 1]
-        allowed = mask_mod(row, torch.zeros_like(row), (query % seq_len)[:, None, :, None],
-                           (key % seq_len)[:, None, None, :])
-        allowed = allowed & (key_offset < keys)[:, None, None, :]
-        # Causal attention is the rule where it matters, for real queries (under it a real
-        # query never sees a slot past its span's end); else the bucket keeps its mask.
-        lower = query_offset[:, None] >= key_offset[None, :]
-        if is_causal and bool(((allowed == lower) | ~is_real[:, None, :, None]).all()):
-            masks.append(None)
-        else:
-            masks.append(allowed.to(device))
-        shapes.append((len(first), lq, lk))
+        prompts, queries = prompt_length[chosen, None], num_queries[chosen, None]
+        lq, lp = int(queries.max()), int(num_prompt_keys[chosen].max())
+        offset = torch.arange(lq)
+        # Past the end of a span's prompt or own tokens, a slot repeats their last token.
+        if lp == 0:  # causal: keys = queries = the hosted prompt (if any), then own tokens
+            own_offset = (offset - prompts).clamp(min=0)
+            query = order[torch.where(offset < prompts, prompt_start[chosen, None] + offset,
+                                      first + torch.minimum(own_offset, length - 1))]
+            prompt_key = query[:, :0]
+        else:  # completion: queries = own tokens; keys = the prompt's, then own tokens
+            query = order[first + torch.minimum(offset, length - 1)]
+            prompt_offset = torch.arange(lp)
+            prompt_key = order[prompt_start[chosen, None]
+                               + torch.minimum(prompt_offset, prompts - 1)]
+        key = query
+        is_real = offset < queries  # [n, lq]
+        lower = offset[:, None] >= offset[None, :]
+        allowed = rule(query, key) & (offset < queries)[:, None, None, :]
+        # The causal rule where it matters, for real queries (under it a real query never
+        # sees a slot past its span's end); else the bucket keeps its mask.
+        where_real = ~is_real[:, None, :, None]
+        mask = None if bool(((allowed == lower) | where_real).all()) else allowed.to(device)
+        prompt_mask = None
+        if lp:
+            prompt_allowed = rule(query, prompt_key) & \
+                (prompt_offset < prompts)[:, None, None, :]
+            if not bool((prompt_allowed | where_real).all()):
+                prompt_mask = prompt_allowed.to(device)
+        buckets.append(SpanBucket(len(first), lq, lp + lq, lp, prompt_mask, mask))
         query_tokens.append(query.reshape(-1))
-        key_tokens.append(key.reshape(-1))
+        key_tokens.append(torch.cat([prompt_key, key], dim=1).reshape(-1))
         real.append(is_real.reshape(-1))
     query_slot_token, real = torch.cat(query_tokens), torch.cat(real)
     real_slots = real.nonzero().squeeze(1)
@@ -272,8 +293,7 @@ def per_document_mask(document_ids: Tensor, segment_ids: Tensor, positions: Tens
         "every token is the real query of exactly one slot"
     return DocumentMask(query_slot_token.to(device), token_slot.to(device),
                         (~real).nonzero().squeeze(1).to(device),
-                        torch.cat(key_tokens).to(device), tuple(shapes), tuple(masks),
-                        batch_size, seq_len)
+                        torch.cat(key_tokens).to(device), tuple(buckets), batch_size, seq_len)
 
 
 def build_attention_mask(document_ids: Tensor, segment_ids: Tensor, positions: Tensor,

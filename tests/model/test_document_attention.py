@@ -20,8 +20,8 @@ from conftest import random_examples, row_tensors, tiny_config
 from data import layout
 from data.loader import PreferenceLoader, fit_examples
 from model.attention import document_attention
-from model.masks import (EXECUTORS, PADDING_DOCUMENT, DocumentMask, build_attention_mask,
-                         dense_mask, per_document_mask, row_mask_mod)
+from model.masks import (EXECUTORS, PADDING_DOCUMENT, DocumentMask, SpanBucket,
+                         build_attention_mask, dense_mask, per_document_mask, row_mask_mod)
 from model.transformer import build_model
 
 TOLERANCE = 1e-10
@@ -75,19 +75,28 @@ def test_attention_values_and_gradients_equal_dense(window):
     assert torch.equal(ours.transpose(1, 2)[padding], own_value.transpose(1, 2)[padding])
 
 
+def span_rows(bucket: SpanBucket, i: int) -> torch.Tensor:
+    """Span i's mask `[lq, lk]`, the parts that run without one materialized."""
+    lq, lp = bucket.queries, bucket.prompt_keys
+    prompt = bucket.prompt_mask[i, 0] if bucket.prompt_mask is not None else \
+        torch.ones(lq, lp, dtype=torch.bool)
+    own = bucket.mask[i, 0] if bucket.mask is not None else \
+        torch.ones(lq, bucket.keys - lp, dtype=torch.bool).tril()
+    return torch.cat([prompt, own], dim=1)
+
+
 def spans_in(mask: DocumentMask):
-    """(mask [lq, lk] (a causal bucket's materialized), real query slots of the span (offsets),
-    their tokens, key tokens, causal?) of every span; tokens are flat `[B * L]` indices."""
+    """(mask [lq, lk], real query slots of the span (offsets), their tokens, key tokens,
+    bucket) of every span; tokens are flat `[B * L]` indices."""
     query_slot, key_slot = 0, 0
     empty = set(mask.empty_query_slots.tolist())
-    for (n, lq, lk), bucket in zip(mask.shapes, mask.masks):
-        for i in range(n):
-            rows = bucket[i, 0] if bucket is not None else \
-                torch.ones(lq, lk, dtype=torch.bool).tril()
+    for bucket in mask.buckets:
+        lq, lk = bucket.queries, bucket.keys
+        for i in range(bucket.spans):
             real = [j for j in range(lq) if query_slot + j not in empty]
             queries = mask.query_slot_token[[query_slot + j for j in real]]
-            yield (rows, real, queries, mask.key_slot_token[key_slot:key_slot + lk],
-                   bucket is None)
+            yield (span_rows(bucket, i), real, queries,
+                   mask.key_slot_token[key_slot:key_slot + lk], bucket)
             query_slot += lq
             key_slot += lk
 
@@ -96,8 +105,8 @@ def spans_in(mask: DocumentMask):
 def test_span_masks_cover_the_dense_mask_once(window):
     """Every real query sees, through its span's mask, each key the dense mask allows it
     exactly once and nothing else; a span's keys are one document's prompt and at most one
-    completion; without a window, completions long against their prompt run causally, and a
-    document's first completion hosts its prompt's queries."""
+    completion; a document's first completion hosts its prompt's queries, each further one
+    attends to the prompt and itself only, and without a window nothing is materialized."""
     documents, segments, positions = row_batch()
     num_tokens = documents.numel()
     dense = dense_mask(row_mask_mod(documents, segments, positions, window), len(ROWS), LENGTH,
@@ -109,8 +118,8 @@ def test_span_masks_cover_the_dense_mask_once(window):
     flat_documents, flat_segments = documents.reshape(-1), segments.reshape(-1)
     seen = torch.zeros_like(allowed)
     mask = per_document_mask(documents, segments, positions, window)
-    num_causal = 0
-    for rows, real, queries, keys, causal in spans_in(mask):
+    num_completion_spans = 0
+    for rows, real, queries, keys, bucket in spans_in(mask):
         rows = rows[real]
         seen.index_put_((queries[:, None].expand_as(rows), keys.expand_as(rows)), rows.long(),
                         accumulate=True)
@@ -118,12 +127,19 @@ def test_span_masks_cover_the_dense_mask_once(window):
         in_span[keys[rows.any(0)]] = True
         assert len((flat_documents[in_span] + 1000 * (keys[0] // LENGTH)).unique()) == 1
         assert len(flat_segments[in_span].unique()) <= 2
-        num_causal += causal
+        if bucket.prompt_keys:  # a further completion: its own tokens are its queries
+            num_completion_spans += 1
+            assert bool((flat_segments[queries] > 0).all())
+        if window is None:  # causal, and a prompt mask (if any) only hides key padding
+            assert bucket.mask is None
+            prompt_rows = rows[:, :bucket.prompt_keys]
+            assert bool((prompt_rows == prompt_rows[:1]).all())
     real = (documents != PADDING_DOCUMENT).reshape(-1)
     assert torch.equal(seen[real], allowed[real])
     assert torch.equal(seen[~real], torch.eye(num_tokens, dtype=torch.int64)[~real])
+    # A document's completions after its first: 1 + 2 + 1 + 0 + 1 + 1 + 2 + ...
+    assert num_completion_spans == sum(len(c) - 1 for groups in ROWS for _, c in groups)
     if window is None:
-        assert 0 < num_causal < len(list(spans_in(mask)))
         # A span per completion (the first with its prompt's queries), and one per padding
         # token: rows of 77, 96, 38 and 0 tokens of documents.
         num_completions = sum(len(c) for groups in ROWS for _, c in groups)
@@ -133,24 +149,23 @@ def test_span_masks_cover_the_dense_mask_once(window):
 
 def test_buckets_bound_the_padding():
     """Spans of many sizes: a few buckets, each padded to under 1.5x its shortest span in
-    queries and in keys (spans up to 16 share one), so the work stays under 2.25x the sum
-    over spans of queries x keys."""
+    queries and in prompt keys (spans up to 16 share one), so the work that runs (a prompt in
+    full, the rest causally) stays under 2.25x the pairs the mask allows."""
     # One document per prompt length, with two completions (or none).
     lengths = [3, 5, 17, 18, 30, 33, 47, 64, 65, 100, 190, 200, 250]
-    groups = [(n, (n // 2, n // 3 + 1) if i % 2 else ()) for i, n in enumerate(lengths)]
+    groups = [(n, (n // 2, n // 3 + 1) if i % 4 else ()) for i, n in enumerate(lengths)]
     row = row_tensors(groups, sum(p + sum(c) for p, c in groups))
     mask = per_document_mask(*(torch.tensor(x)[None] for x in row), None)
     spans = list(spans_in(mask))
-    assert 1 < len(mask.shapes) < len(spans)
-    for rows, real, queries, keys, causal in spans:
-        lq, lk = rows.shape
-        num_keys = int(rows[real].any(0).sum())
-        num_queries = num_keys if causal else len(queries)
-        assert lq <= 16 or lq < 1.5 * num_queries
-        assert lk <= 16 or lk < 1.5 * num_keys
-    work = sum(n * lq * lk for n, lq, lk in mask.shapes)
-    assert work < 2.25 * sum(len(rows[real].any(0).nonzero()) * (
-        rows.shape[0] if causal else len(queries)) for rows, real, queries, _, causal in spans)
+    assert 1 < len(mask.buckets) < len(spans)
+    assert any(b.prompt_mask is not None for b in mask.buckets), "want prompts of two lengths"
+    for rows, real, _, _, bucket in spans:
+        num_prompt_keys = int(rows[real][:, :bucket.prompt_keys].any(0).sum())
+        assert bucket.queries <= 16 or bucket.queries < 1.5 * len(real)
+        assert bucket.prompt_keys <= 16 or bucket.prompt_keys < 1.5 * num_prompt_keys
+    work = sum(b.spans * b.queries * (b.prompt_keys + (b.queries + 1) / 2)
+               for b in mask.buckets)
+    assert work < 2.25 * sum(int(rows[real].sum()) for rows, real, *_ in spans)
 
 
 def loader_batches(config, rows: int = 3):
