@@ -3,7 +3,7 @@
     python benchmarks/vs_trl.py [--tiny] [--model DIR] [--tokenizer DIR] [--data FILE ...]
         [--pairs N] [--pairs-per-step B] [--steps K] [--repeats R] [--warmup-steps W]
         [--layouts shared+packed,paired] [--packing-length step|L] [--device cpu|cuda]
-        [--lr LR] [--seed S] [--no-compile] [--json OUT]
+        [--one-at-a-time] [--lr LR] [--seed S] [--no-compile] [--json OUT]
 
 Needs TRL, an optional extra: `pip install -e ".[bench]"`.
 
@@ -34,7 +34,10 @@ Timing. Each contender (TRL, and prefixdpo in each `--layouts` layout) runs in i
 process, started by this script and driven over a pipe, so that their memory can be measured
 apart and none inherits another's allocator state. All are set up first (tokenization, model,
 reference pass; not timed), run `--warmup-steps` untimed steps, then R rounds interleave them:
-in each round TRL runs K steps, then each prefixdpo layout K steps, while the others wait. A
+in each round TRL runs K steps, then each prefixdpo layout K steps, while the others wait.
+With `--one-at-a-time` (a machine that cannot hold every worker at once), each contender is
+set up, runs its R rounds and exits before the next starts: no interleaving, so a drift of the
+machine's speed during the run goes into the ratios. A
 step's time is a full optimizer step without data loading: for TRL from `on_step_begin` to
 `on_step_end` of a `TrainerCallback` (forward, backward, its metrics, clipping, AdamW, scheduler,
 zero_grad; the batch is already collated by TRL's `DataCollatorForPreference`); for prefixdpo
@@ -827,6 +830,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="cuda: bfloat16 compute in both")
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="CUDA: do not compile prefixdpo's layers (TRL is not compiled)")
+    p.add_argument("--one-at-a-time", action="store_true", help="run each contender alone "
+                   "(set up, its rounds, exit) rather than all at once, interleaved: for a "
+                   "machine whose memory cannot hold them together")
     p.add_argument("--lr", type=float, default=1e-6)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write every setting and figure to this file")
@@ -923,8 +929,9 @@ def drive(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
              + "; ".join(f"{n} {why}" for why, n in skipped.most_common()) + ")"
              if skipped else ""))
     print(f"work: {B} pairs per optimizer step (one micro-batch), {W} warm-up step(s), then "
-          f"{R} rounds x {k} timed steps per contender, interleaved; step s takes pairs "
-          f"(s mod {num_pairs // B}) x {B} ..; token ratio of the pairs (paired / shared, our "
+          f"{R} rounds x {k} timed steps per contender, "
+          f"{'one contender at a time' if args.one_at_a_time else 'interleaved'}; step s "
+          f"takes pairs (s mod {num_pairs // B}) x {B} ..; token ratio of the pairs (paired / shared, our "
           f"tokens): {paired_tokens / shared_tokens:.3f}")
     print(f"same in both: {dtype}, sigmoid loss beta {spec['beta']}, AdamW lr {args.lr} "
           f"betas {tuple(spec['betas'])} eps {spec['eps']} weight decay 0, constant lr without "
@@ -933,32 +940,50 @@ def drive(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
     workers: dict[str, Worker] = {}
     ready: dict[str, dict] = {}
+    roles = [("TRL", "trl")] + [(f"prefixdpo {layout}", layout) for layout in args.layouts]
+    rounds: dict[str, list[dict]] = {name: [] for name, _ in roles}
+
+    def run_round(name: str, r: int) -> None:
+        workers[name].send("run")
+        rounds[name].append(message := workers[name].receive())
+        print(f"round {r + 1}/{R}: {name}: {np.mean(message['seconds']):.3f} s/step", flush=True)
+
+    def stop(name: str) -> None:
+        workers[name].send("stop")
+        workers[name].receive()
+        workers[name].process.wait(timeout=120)
+
     try:
-        # Set-up is not timed, so it overlaps: TRL with the first prefixdpo worker, which
-        # computes the reference table; the other prefixdpo workers then load it.
-        roles = [("TRL", "trl")] + [(f"prefixdpo {layout}", layout) for layout in args.layouts]
-        print(f"setting up {', '.join(name for name, _ in roles)} (not timed) ...", flush=True)
-        for name, role in roles[:2]:
-            workers[name] = Worker(name, role, spec_path, workdir)
-        for i, (name, _) in enumerate([roles[1], roles[0], *roles[2:]]):
-            ready[name] = workers[name].receive()
-            print(f"  {name} ready after {ready[name]['setup_s']:.1f} s", flush=True)
-            if i == 0:  # the table exists
-                for other, role in roles[2:]:
-                    workers[other] = Worker(other, role, spec_path, workdir)
-        workers = {name: workers[name] for name, _ in roles}  # the round order
-        rounds: dict[str, list[dict]] = {name: [] for name in workers}
-        for r in range(R):
-            for name, worker in workers.items():
-                worker.send("run")
-                message = worker.receive()
-                rounds[name].append(message)
-                print(f"round {r + 1}/{R}: {name}: {np.mean(message['seconds']):.3f} s/step",
-                      flush=True)
-        for worker in workers.values():
-            worker.send("stop")
-            worker.receive()
-            worker.process.wait(timeout=120)
+        if args.one_at_a_time:
+            # Each contender alone: set up, every round, exit. The first prefixdpo layout
+            # computes the reference table the others load.
+            for name, role in [*roles[1:], roles[0]]:
+                print(f"setting up {name} (not timed) ...", flush=True)
+                workers[name] = Worker(name, role, spec_path, workdir)
+                ready[name] = workers[name].receive()
+                print(f"  {name} ready after {ready[name]['setup_s']:.1f} s", flush=True)
+                for r in range(R):
+                    run_round(name, r)
+                stop(name)
+            ready = {name: ready[name] for name, _ in roles}  # the report's order
+        else:
+            # Set-up is not timed, so it overlaps: TRL with the first prefixdpo worker, which
+            # computes the reference table; the other prefixdpo workers then load it.
+            print(f"setting up {', '.join(name for name, _ in roles)} (not timed) ...",
+                  flush=True)
+            for name, role in roles[:2]:
+                workers[name] = Worker(name, role, spec_path, workdir)
+            for i, (name, _) in enumerate([roles[1], roles[0], *roles[2:]]):
+                ready[name] = workers[name].receive()
+                print(f"  {name} ready after {ready[name]['setup_s']:.1f} s", flush=True)
+                if i == 0:  # the table exists
+                    for other, role in roles[2:]:
+                        workers[other] = Worker(other, role, spec_path, workdir)
+            for r in range(R):
+                for name, _ in roles:
+                    run_round(name, r)
+            for name, _ in roles:
+                stop(name)
     except WorkerError as e:
         raise SystemExit(f"vs_trl.py: {e}") from None
     finally:

@@ -26,14 +26,16 @@ def vs_trl():
 
 
 @pytest.mark.slow
-def test_tiny_run_agrees_with_trl(tmp_path):
+@pytest.mark.parametrize("mode", ["interleaved", "one-at-a-time"])
+def test_tiny_run_agrees_with_trl(tmp_path, mode):
     pytest.importorskip("trl", reason="TRL is an optional extra: pip install -e '.[bench]'")
     out = tmp_path / "vs_trl.json"
     # One thread per process: nothing here is timed, and it keeps the run short.
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
-    run = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--json", str(out)],
+    flags = ["--one-at-a-time"] if mode == "one-at-a-time" else []
+    run = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--json", str(out), *flags],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     report = json.loads(out.read_text())
@@ -65,6 +67,11 @@ def test_tiny_run_agrees_with_trl(tmp_path):
     assert contenders["TRL"]["settings"]["max_length"] is None
     assert contenders["TRL"]["settings"]["precompute_ref_log_probs"] is True
     assert "token ids (prompt, chosen, rejected) identical" in run.stdout
+    if mode == "one-at-a-time":  # each contender set up, run and stopped before the next
+        marks = [run.stdout.index(f"setting up {name} ") for name in [*layouts, "TRL"]]
+        last_rounds = [run.stdout.rindex(f": {name}: ") for name in [*layouts, "TRL"]]
+        assert marks == sorted(marks) and all(
+            last < next_setup for last, next_setup in zip(last_rounds, marks[1:]))
 
 
 def test_token_differences_name_the_reason(vs_trl):
