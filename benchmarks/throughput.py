@@ -65,8 +65,8 @@ CPU: the process's peak RSS, never reset), time blocked waiting for the loader, 
 after warm-up (torch._dynamo counters: 0 means no recompilation), and the ratio of pairs/s to
 `paired` and to `paired+packed`. Also the token-ratio ceiling of the data: tokens of the paired
 layouts / tokens of the shared ones. Absolute figures mean something only on a GPU; the ratios
-are what to compare. On CPU the default attention executor is `documents` (SDPA per document,
-cost = sum of squared document lengths); `--attention dense` shows the whole-row `L x L` mask
+are what to compare. On CPU the default attention executor is `documents` (per span: its
+cost is the pairs the mask allows); `--attention dense` shows the whole-row `L x L` mask
 instead, which makes packed rows pay for every masked-out pair. A tiny model's time goes mostly
 to its vocabulary head, whose work (one row per completion token) is the same in every layout. `--profile` prints a torch.profiler table of one extra (untimed) step per
 layout.
