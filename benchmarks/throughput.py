@@ -683,8 +683,9 @@ def run(args: argparse.Namespace, env: Distributed) -> dict[str, Any]:
             write_json(args.json, combined())
     report = combined()
     if several:
-        print("\nSummary: pairs/s ratios beside the token-ratio ceiling and the paper's "
-              "speed-ups (shared / unshared FlexAttention, unpacked / packed)")
+        print("\nSummary: pairs/s ratios beside the token-ratio ceiling, the useful-FLOPs "
+              "ratio (paired / shared) and the paper's speed-ups (shared / unshared "
+              "FlexAttention, unpacked / packed)")
         print(format_summary(report["summary"]))
     if args.json:
         write_json(args.json, report)
@@ -797,12 +798,17 @@ SUMMARY_RATIOS = {  # name: (numerator layout, denominator layout)
 
 def summarize(reports: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per profile: the pairs/s ratios that exist among the layouts run, the token-ratio
-    ceiling, and the paper's speed-ups."""
+    ceiling, the useful-FLOPs ratio (paired / shared: with the vocabulary head, whose rows
+    are the completion tokens in every layout, and attention pairs counted), and the paper's
+    speed-ups."""
     summary = {}
     for name, report in reports.items():
         layouts = report["layouts"]
         row: dict[str, Any] = {"pairs": report["data"]["num_pairs"],
                                "token_ratio_ceiling": report["data"]["token_ratio_ceiling"]}
+        paired = [layouts[n]["flops"] for n in ("paired", "paired+packed") if n in layouts]
+        shared = [layouts[n]["flops"] for n in ("shared", "shared+packed") if n in layouts]
+        row["flops_ratio"] = paired[0] / shared[0] if paired and shared else None
         for key, (a, b) in SUMMARY_RATIOS.items():
             row[key] = layouts[a]["pairs_per_s"] / layouts[b]["pairs_per_s"] \
                 if a in layouts and b in layouts else None
@@ -814,6 +820,7 @@ def summarize(reports: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def format_summary(summary: dict[str, dict[str, Any]]) -> str:
     columns = [("profile", "{:<15}", None), ("pairs", "{:>6}", "pairs"),
                ("ceiling", "{:>8.2f}", "token_ratio_ceiling"),
+               ("FLOPs", "{:>6.2f}", "flops_ratio"),
                ("s / p", "{:>6.2f}", "shared_vs_paired"),
                ("s+pk / p+pk", "{:>11.2f}", "shared_packed_vs_paired_packed"),
                ("s+pk / p", "{:>8.2f}", "shared_packed_vs_paired"),

@@ -58,6 +58,21 @@ def test_quick_run_compares_the_same_pairs(tmp_path):
     assert "pairs/s" in run.stdout and "token-ratio ceiling" in run.stdout
 
 
+def test_summary_ratios(throughput):
+    def layout(pairs_per_s: float, flops: float) -> dict:
+        return {"pairs_per_s": pairs_per_s, "flops": flops}
+
+    reports = {"tldr": {"data": {"num_pairs": 8, "token_ratio_ceiling": 1.8}, "layouts": {
+        "paired": layout(2.0, 9.0), "paired+packed": layout(2.5, 9.0),
+        "shared+packed": layout(4.0, 6.0)}}}
+    row = throughput.summarize(reports)["tldr"]
+    assert row["shared_packed_vs_paired_packed"] == 4.0 / 2.5
+    assert row["shared_packed_vs_paired"] == 2.0 and row["shared_vs_paired"] is None
+    assert row["flops_ratio"] == 1.5 and row["token_ratio_ceiling"] == 1.8
+    table = throughput.format_summary({"tldr": row}).splitlines()
+    assert "FLOPs" in table[0] and "1.50" in table[1] and "1.60" in table[1]
+
+
 @pytest.mark.parametrize("profile", ["capybara", "hh-rlhf", "metamath-dpo", "tldr",
                                      "tulu-helpsteer", "ultrafeedback"])
 def test_synthetic_profiles_match_their_medians(throughput, profile):
