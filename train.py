@@ -23,8 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = parser.parse_known_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     try:
-        from train.config import load_config
-        from train.loop import train
+        from prefixdpo.train.config import load_config
+        from prefixdpo.train.loop import train
 
         train(load_config(args.config, overrides))
     except (ValueError, OSError, DistError) as e:

@@ -31,17 +31,16 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from data.config import LAYOUTS, DataConfig  # noqa: E402
-from data.dataset import BATCH_ROWS, load_preference_data  # noqa: E402
-from data.encoding import encode_preferences  # noqa: E402
-from data.example import Example  # noqa: E402
-from data.formats import detect_format, parse_record  # noqa: E402
-from data.layout import is_packed  # noqa: E402
-from data.loader import PreferenceLoader, fit_examples  # noqa: E402
-from data.reading import RowError, read_rows  # noqa: E402
-from data.tokenizer import load_tokenizer  # noqa: E402
+from prefixdpo.data.config import LAYOUTS, DataConfig
+from prefixdpo.data.dataset import BATCH_ROWS, load_preference_data
+from prefixdpo.data.encoding import encode_preferences
+from prefixdpo.data.example import Example
+from prefixdpo.data.formats import detect_format, parse_record
+from prefixdpo.data.layout import is_packed
+from prefixdpo.data.loader import PreferenceLoader, fit_examples
+from prefixdpo.data.reading import RowError, read_rows
+from prefixdpo.data.tokenizer import load_tokenizer
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "datasets" / "hh-rlhf"
 DEFAULT_TOKENIZER = ROOT / "assets" / "tokenizers" / "mistral-7b-v0.1"
@@ -112,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"--tokenizer {args.tokenizer}: not a folder with tokenizer.json")
     packing_length = args.packing_length if args.packing_length == "auto" \
         else int(args.packing_length)
-    logging.getLogger("data.dataset").setLevel(logging.ERROR)  # skipped rows: counted below
+    logging.getLogger("prefixdpo.data.dataset").setLevel(logging.ERROR)  # skipped rows: counted below
 
     timings: dict[str, float] = {}
     tokenizer = timed(timings, "load tokenizer", lambda: load_tokenizer(args.tokenizer))

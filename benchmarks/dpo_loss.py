@@ -48,11 +48,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kernels import (DEFAULT_CHUNK_SIZE, linear_log_probs,  # noqa: E402
-                     reference_linear_log_probs, sequence_log_probs)
-from train.losses import LossConfig, preference_loss  # noqa: E402
+from prefixdpo.kernels.log_probs import (DEFAULT_CHUNK_SIZE, linear_log_probs,
+                                         reference_linear_log_probs)
+from prefixdpo.kernels.reduce import sequence_log_probs
+from prefixdpo.train.losses import LossConfig, preference_loss
 
 BETA = 0.1
 IGNORE = -100

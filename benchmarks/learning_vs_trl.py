@@ -50,21 +50,20 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-import torch  # noqa: E402
+import torch
 
-from vs_trl import (INSTALL_HINT, missing_packages, prepare_model, read_preferences,  # noqa: E402
+from vs_trl import (INSTALL_HINT, missing_packages, prepare_model, read_preferences,
                     train_tiny_tokenizer, trl_record)
-from data.dataset import chat_template_override  # noqa: E402
-from data.example import Example  # noqa: E402
-from data.formats import (IDS, TEXT, Preference, PreferenceGroup, detect_format,  # noqa: E402
+from prefixdpo.data.dataset import chat_template_override
+from prefixdpo.data.example import Example
+from prefixdpo.data.formats import (IDS, TEXT, Preference, PreferenceGroup, detect_format,
                           parse_record, rename_columns)
-from data.loader import PreferenceLoader  # noqa: E402
-from data.reading import read_rows  # noqa: E402
-from data.tokenizer import load_tokenizer  # noqa: E402
-from train.build import ModelSource, RunData, load_run_data, tokenizer_for  # noqa: E402
-from train.config import Config, load_config  # noqa: E402
+from prefixdpo.data.loader import PreferenceLoader
+from prefixdpo.data.reading import read_rows
+from prefixdpo.data.tokenizer import load_tokenizer
+from prefixdpo.train.build import ModelSource, RunData, load_run_data, tokenizer_for
+from prefixdpo.train.config import Config, load_config
 
 LN2 = math.log(2.0)
 TINY_OVERRIDES = ["--data.max_examples=12", "--data.eval_fraction=0.25", "--train.steps=2",

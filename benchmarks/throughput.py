@@ -98,28 +98,27 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from data.config import DataConfig  # noqa: E402
-from data.dataset import load_preference_data  # noqa: E402
-from data.example import Example, Group  # noqa: E402
-from data.layout import (Batch, Numbering, collate, document_lengths, is_packed,  # noqa: E402
+from prefixdpo.data.config import DataConfig
+from prefixdpo.data.dataset import load_preference_data
+from prefixdpo.data.example import Example, Group
+from prefixdpo.data.layout import (Batch, Numbering, collate, document_lengths, is_packed,
                          is_shared)
-from data.loader import (PreferenceLoader, StepBatches, example_length,  # noqa: E402
+from prefixdpo.data.loader import (PreferenceLoader, StepBatches, example_length,
                          fit_examples)
-from data.packing import auto_packing_length, round_up  # noqa: E402
-from data.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
-from model.config import ModelConfig  # noqa: E402
-from model.transformer import build_model, set_flex_backend  # noqa: E402
-from train.config import OptimSection  # noqa: E402
-from train.distributed import Distributed, setup  # noqa: E402
-from train.loop import train_step  # noqa: E402
-from train.losses import LossConfig, LossState  # noqa: E402
-from train.metrics import forward_flops, peak_flops, peak_memory_gib  # noqa: E402
-from train.optim import build_optimizer  # noqa: E402
-from train.parallelize import freeze, parallelize  # noqa: E402
-from train.reference import LiveReference, TableReference  # noqa: E402
-from train.scoring import attention_executor, row_multiple  # noqa: E402
+from prefixdpo.data.packing import auto_packing_length, round_up
+from prefixdpo.data.tokenizer import Tokenizer, load_tokenizer
+from prefixdpo.model.config import ModelConfig
+from prefixdpo.model.transformer import build_model, set_flex_backend
+from prefixdpo.train.config import OptimSection
+from prefixdpo.train.distributed import Distributed, setup
+from prefixdpo.train.loop import train_step
+from prefixdpo.train.losses import LossConfig, LossState
+from prefixdpo.train.metrics import forward_flops, peak_flops, peak_memory_gib
+from prefixdpo.train.optim import build_optimizer
+from prefixdpo.train.parallelize import freeze, parallelize
+from prefixdpo.train.reference import LiveReference, TableReference
+from prefixdpo.train.scoring import attention_executor, row_multiple
 
 LAYOUTS = ("paired", "paired+packed", "shared", "shared+packed")
 
@@ -243,7 +242,7 @@ def synthetic_examples_for_tokens(profile: str, paired_tokens: int, vocab_size: 
 def real_examples(files: Sequence[str], tokenizer: Tokenizer, fmt: str,
                   max_examples: int = 0) -> list[Example]:
     """The examples of every file (at most `max_examples` of each; 0 = all)."""
-    logging.getLogger("data.dataset").setLevel(logging.ERROR)  # skipped rows: counted here
+    logging.getLogger("prefixdpo.data.dataset").setLevel(logging.ERROR)  # skipped rows: counted here
     examples: list[Example] = []
     for file in files:
         config = DataConfig(path=file, format=fmt, bad_rows="skip", max_examples=max_examples)

@@ -95,17 +95,16 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from data.encoding import encode_preferences  # noqa: E402
-from data.example import Example  # noqa: E402
-from data.formats import CHAT, IDS, Preference, detect_format, parse_record  # noqa: E402
-from data.layout import Batch, Numbering, collate, document_lengths, is_packed  # noqa: E402
-from data.layout import is_shared  # noqa: E402
-from data.packing import pack_best_fit, round_up  # noqa: E402
-from data.reading import RowError, read_rows  # noqa: E402
-from data.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
-from model.config import ModelConfig  # noqa: E402
+from prefixdpo.data.encoding import encode_preferences
+from prefixdpo.data.example import Example
+from prefixdpo.data.formats import CHAT, IDS, Preference, detect_format, parse_record
+from prefixdpo.data.layout import Batch, Numbering, collate, document_lengths, is_packed
+from prefixdpo.data.layout import is_shared
+from prefixdpo.data.packing import pack_best_fit, round_up
+from prefixdpo.data.reading import RowError, read_rows
+from prefixdpo.data.tokenizer import Tokenizer, load_tokenizer
+from prefixdpo.model.config import ModelConfig
 
 DEFAULT_DATA = ROOT / "assets" / "data" / "hh-rlhf-helpful-base-test-1000.jsonl.gz"
 DEFAULT_TOKENIZER = ROOT / "assets" / "tokenizers" / "mistral-7b-v0.1"
@@ -559,24 +558,24 @@ def step_batch(positions: list[int], examples: list[Example], numbering: Numberi
 
 def one_micro_batch(batch: Batch):
     """What `train_step` takes for a step of one micro-batch in one process."""
-    from data.loader import StepBatches
+    from prefixdpo.data.loader import StepBatches
     return StepBatches.single_process([batch])
 
 
 def run_ours(spec: dict[str, Any], layout: str, channel: Channel) -> None:
     started = time.perf_counter()
-    from model.hf_checkpoint import load_weights
-    from model.transformer import build_model
-    from train.config import OptimSection
-    from train.distributed import setup
-    from train.forward import attention_mask, batch_sequence_log_probs
-    from train.loop import train_step
-    from train.losses import LossConfig, LossState
-    from train.optim import build_optimizer
-    from train.parallelize import parallelize, reshard
-    from train.reference import TableReference, cache_key, model_fingerprint, \
+    from prefixdpo.model.hf_checkpoint import load_weights
+    from prefixdpo.model.transformer import build_model
+    from prefixdpo.train.config import OptimSection
+    from prefixdpo.train.distributed import setup
+    from prefixdpo.train.forward import attention_mask, batch_sequence_log_probs
+    from prefixdpo.train.loop import train_step
+    from prefixdpo.train.losses import LossConfig, LossState
+    from prefixdpo.train.optim import build_optimizer
+    from prefixdpo.train.parallelize import parallelize, reshard
+    from prefixdpo.train.reference import TableReference, cache_key, model_fingerprint, \
         reference_log_probs
-    from train.scoring import attention_executor, row_multiple
+    from prefixdpo.train.scoring import attention_executor, row_multiple
 
     env = setup(spec["device"])
     device = env.device
@@ -701,9 +700,7 @@ class Worker:
         self.name = name
         self.log_path = workdir / f"{role.replace('+', '_')}.log"
         self._log = open(self.log_path, "w")
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-            [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
-            HF_HUB_OFFLINE="1", TQDM_DISABLE="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1",
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1",
             TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
         for name_ in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
             env.pop(name_, None)  # each worker is a process group of its own
@@ -778,8 +775,8 @@ def prepare_model(args: argparse.Namespace, tokenizer: Tokenizer, tokenizer_dir:
         model_dir = Path(args.model)
         config = ModelConfig.from_file(model_dir)
         return model_dir, config, f"{model_dir} ({config.num_params / 1e6:.1f}M parameters)"
-    from model.hf_checkpoint import save_hf_checkpoint
-    from model.transformer import build_model
+    from prefixdpo.model.hf_checkpoint import save_hf_checkpoint
+    from prefixdpo.model.transformer import build_model
 
     fields = dict(TINY_MODEL if args.tiny else SMOLLM_135M)
     fields["vocab_size"] = max(fields["vocab_size"] if not args.tiny else 0,

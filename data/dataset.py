@@ -25,14 +25,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from data.chat_template import ChatTemplate
-from data.config import DataConfig, option, setting
-from data.encoding import encode_preferences
-from data.example import Example
-from data.formats import CHAT, detect_format, parse_record, rename_columns
-from data.reading import Row, RowError, read_rows
-from data.tokenizer import Tokenizer
-from data.truncation import check_limits
+from prefixdpo.data.chat_template import ChatTemplate
+from prefixdpo.data.config import DataConfig, option, setting
+from prefixdpo.data.encoding import encode_preferences
+from prefixdpo.data.example import Example
+from prefixdpo.data.formats import CHAT, detect_format, parse_record, rename_columns
+from prefixdpo.data.reading import Row, RowError, read_rows
+from prefixdpo.data.tokenizer import Tokenizer
+from prefixdpo.data.truncation import check_limits
 
 logger = logging.getLogger(__name__)
 

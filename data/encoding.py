@@ -13,12 +13,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from data.chat_template import ChatTemplate, ChatTemplateBudgetError, ChatTemplateError
-from data.example import Example, Group
-from data.formats import CHAT, IDS, TEXT, Preference
-from data.reading import RowError
-from data.tokenizer import Tokenizer
-from data.truncation import truncate_group
+from prefixdpo.data.chat_template import ChatTemplate, ChatTemplateBudgetError, ChatTemplateError
+from prefixdpo.data.example import Example, Group
+from prefixdpo.data.formats import CHAT, IDS, TEXT, Preference
+from prefixdpo.data.reading import RowError
+from prefixdpo.data.tokenizer import Tokenizer
+from prefixdpo.data.truncation import truncate_group
 
 _IDS_FIELDS = ("chosen_input_ids", "rejected_input_ids")
 

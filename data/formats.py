@@ -47,8 +47,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from data.config import FORMATS, PAIRINGS, option, setting
-from data.reading import RowError
+from prefixdpo.data.config import FORMATS, PAIRINGS, option, setting
+from prefixdpo.data.reading import RowError
 
 TEXT, CHAT, IDS = "text", "chat", "ids"  # what a Preference's prompts/completions hold
 HH_ASSISTANT = "\n\nAssistant:"

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from data.example import Example, Group
+from prefixdpo.data.example import Example, Group
 
 PADDING_DOCUMENT = -1
 

@@ -32,11 +32,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data.config import option, setting
-from data.example import Example, fingerprint
-from data.layout import (Batch, Numbering, collate, document_lengths, fit_to_length, is_packed,
+from prefixdpo.data.config import option, setting
+from prefixdpo.data.example import Example, fingerprint
+from prefixdpo.data.layout import (Batch, Numbering, collate, document_lengths, fit_to_length, is_packed,
                          is_shared)
-from data.packing import BLOCK, auto_packing_length, pack_best_fit, packing_efficiency, round_up
+from prefixdpo.data.packing import BLOCK, auto_packing_length, pack_best_fit, packing_efficiency, round_up
 
 logger = logging.getLogger(__name__)
 

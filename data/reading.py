@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from data.config import option
+from prefixdpo.data.config import option
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
 # Keys under which a .json object may hold its list of records (else: its only list).

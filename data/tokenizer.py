@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import tokenizers
 
-from data.chat_template import ChatTemplate
+from prefixdpo.data.chat_template import ChatTemplate
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja")

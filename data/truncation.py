@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from data.config import TRUNCATION_MODES, option
+from prefixdpo.data.config import TRUNCATION_MODES, option
 
 
 def check_limits(max_length: int, max_prompt_length: int, mode: str,

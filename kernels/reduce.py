@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels.log_probs import values_checked_on_host
+from prefixdpo.kernels.log_probs import values_checked_on_host
 
 
 def sequence_log_probs(token_logps: Tensor, sequence_index: Tensor,

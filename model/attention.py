@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from model.masks import DocumentMask, SpanBucket
+from prefixdpo.model.masks import DocumentMask, SpanBucket
 
 FLEX_BACKENDS = ("triton", "flash")
 

@@ -25,8 +25,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor, Shard
 
-from model.config import ModelConfig
-from model.transformer import Transformer, build_model
+from prefixdpo.model.config import ModelConfig
+from prefixdpo.model.transformer import Transformer, build_model
 
 SINGLE_FILE = "model.safetensors"
 # Stored dtypes read (and converted to the model's dtype); integer, bool, float8 and unknown

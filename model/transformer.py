@@ -29,10 +29,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from kernels import linear_log_probs
-from model.config import ModelConfig
-from model.attention import document_attention, flex_kernel_options
-from model.masks import AttentionMask, DocumentMask
+from prefixdpo.kernels.log_probs import linear_log_probs
+from prefixdpo.model.config import ModelConfig
+from prefixdpo.model.attention import document_attention, flex_kernel_options
+from prefixdpo.model.masks import AttentionMask, DocumentMask
 
 
 # FlexAttention must be compiled to run as a fused kernel on CUDA; inside an already compiled

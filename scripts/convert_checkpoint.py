@@ -27,11 +27,11 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from model.config import ModelConfig
-from model.hf_checkpoint import (copy_tokenizer_files, expected_shapes, load_state_dict,
+from prefixdpo.model.config import ModelConfig
+from prefixdpo.model.hf_checkpoint import (copy_tokenizer_files, expected_shapes, load_state_dict,
                                  resolve_model_dir, save_hf_checkpoint)
-from train.checkpoint import describe
-from train.lora import merged_state_dict, split_state_dict
+from prefixdpo.train.checkpoint import describe
+from prefixdpo.train.lora import merged_state_dict, split_state_dict
 
 MODEL_KEY = "model"
 

@@ -36,12 +36,12 @@ from pathlib import Path
 
 import numpy as np
 
-from data.config import BAD_ROWS, FORMATS, DataConfig, parse_columns
-from data.dataset import load_preference_data
-from data.example import Example
-from data.packing import auto_packing_length, pack_best_fit, packing_efficiency
-from data.reading import data_suffix
-from data.tokenizer import Tokenizer, load_tokenizer
+from prefixdpo.data.config import BAD_ROWS, FORMATS, DataConfig, parse_columns
+from prefixdpo.data.dataset import load_preference_data
+from prefixdpo.data.example import Example
+from prefixdpo.data.packing import auto_packing_length, pack_best_fit, packing_efficiency
+from prefixdpo.data.reading import data_suffix
+from prefixdpo.data.tokenizer import Tokenizer, load_tokenizer
 
 # The flags that set data options, named in messages instead of the config keys.
 FLAGS = {"path": "--data", "split": "--split", "format": "--format", "columns": "--columns",

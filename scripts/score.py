@@ -29,13 +29,13 @@ from pathlib import Path
 
 import torch
 
-from data.config import BAD_ROWS, FORMATS, LAYOUTS, DataConfig, parse_columns
-from data.dataset import load_preference_data
-from data.layout import Numbering
-from data.loader import fit_examples
-from data.tokenizer import load_tokenizer
-from model.hf_checkpoint import load_model, resolve_model_dir
-from train.scoring import attention_executor, score_sequences
+from prefixdpo.data.config import BAD_ROWS, FORMATS, LAYOUTS, DataConfig, parse_columns
+from prefixdpo.data.dataset import load_preference_data
+from prefixdpo.data.layout import Numbering
+from prefixdpo.data.loader import fit_examples
+from prefixdpo.data.tokenizer import load_tokenizer
+from prefixdpo.model.hf_checkpoint import load_model, resolve_model_dir
+from prefixdpo.train.scoring import attention_executor, score_sequences
 
 # The flags that set data options, named in messages instead of the config keys.
 FLAGS = {"path": "--data", "split": "--split", "format": "--format", "columns": "--columns",

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from data.example import Example, Group
-from data.layout import PADDING_DOCUMENT
+from prefixdpo.data.example import Example, Group
+from prefixdpo.data.layout import PADDING_DOCUMENT
 
-from model.config import ModelConfig
+from prefixdpo.model.config import ModelConfig
 
 TINY = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -120,7 +120,7 @@ def row_tensors(groups: list[tuple[int, tuple[int, ...]]], length: int
 
 def causal_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
     """Logits of each row of `input_ids` alone, causally, through the dense-mask path."""
-    from model.masks import build_attention_mask
+    from prefixdpo.model.masks import build_attention_mask
 
     batch, seq_len = input_ids.shape
     positions = torch.arange(seq_len).expand(batch, seq_len)

@@ -12,15 +12,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.config import DataConfig
-from data.dataset import PreferenceData, load_preference_data
-from data.example import Example
-from data.loader import FitReport, fit_examples
-from data.tokenizer import Tokenizer, load_tokenizer
-from model.config import ModelConfig
-from model.hf_checkpoint import load_weights, local_rows, resolve_model_dir
-from model.transformer import Transformer
-from train.config import ModelSection
+from prefixdpo.data.config import DataConfig
+from prefixdpo.data.dataset import PreferenceData, load_preference_data
+from prefixdpo.data.example import Example
+from prefixdpo.data.loader import FitReport, fit_examples
+from prefixdpo.data.tokenizer import Tokenizer, load_tokenizer
+from prefixdpo.model.config import ModelConfig
+from prefixdpo.model.hf_checkpoint import load_weights, local_rows, resolve_model_dir
+from prefixdpo.model.transformer import Transformer
+from prefixdpo.train.config import ModelSection
 
 
 @dataclass(frozen=True)

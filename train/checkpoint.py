@@ -39,7 +39,7 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
                                                      set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from train.distributed import Distributed, all_reduce_sum
+from prefixdpo.train.distributed import Distributed, all_reduce_sum
 
 STATE_FILE = "train_state.json"
 # The globals DCP's `.metadata` pickle names (as torch 2.13 writes it): its own metadata classes

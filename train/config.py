@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from data.config import DataConfig
-from train.losses import LossConfig
+from prefixdpo.data.config import DataConfig
+from prefixdpo.train.losses import LossConfig
 
 REFERENCE_MODES = ("auto", "precomputed", "live", "none", "adapters_off")
 SCHEDULES = ("cosine", "linear", "constant")

@@ -12,10 +12,10 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
-from data.layout import Batch
-from kernels import sequence_log_probs
-from model.masks import FLEX_BLOCK_SIZE, AttentionMask, build_attention_mask
-from train.losses import LossConfig, LossState, preference_loss
+from prefixdpo.data.layout import Batch
+from prefixdpo.kernels.reduce import sequence_log_probs
+from prefixdpo.model.masks import FLEX_BLOCK_SIZE, AttentionMask, build_attention_mask
+from prefixdpo.train.losses import LossConfig, LossState, preference_loss
 
 # Reference log-probs `[S]` of a batch's sequences (None for reference-free losses).
 Reference = Callable[[Batch, AttentionMask], "Tensor | None"]

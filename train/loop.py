@@ -25,29 +25,29 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
-from data.loader import PreferenceLoader, StepBatches
-from model.hf_checkpoint import save_hf_checkpoint
-from model.masks import FLEX_BLOCK_SIZE
-from model.transformer import set_flex_backend
-from data.dataset import chat_template_override
-from train.build import ModelSource, load_run_data, tokenizer_for
-from train.checkpoint import (IncompleteCheckpoint, list_checkpoints, load_checkpoint,
+from prefixdpo.data.loader import PreferenceLoader, StepBatches
+from prefixdpo.model.hf_checkpoint import save_hf_checkpoint
+from prefixdpo.model.masks import FLEX_BLOCK_SIZE
+from prefixdpo.model.transformer import set_flex_backend
+from prefixdpo.data.dataset import chat_template_override
+from prefixdpo.train.build import ModelSource, load_run_data, tokenizer_for
+from prefixdpo.train.checkpoint import (IncompleteCheckpoint, list_checkpoints, load_checkpoint,
                               save_checkpoint)
-from train.config import Config, to_toml
-from train.distributed import Distributed, broadcast_text, setup, teardown
-from train.forward import pair_losses
-from train.losses import LossConfig, LossState
-from train.metrics import MetricsLogger, forward_flops, peak_flops, peak_memory_gib
-from train.optim import build_optimizer, lr_at, set_lr
-from train.parallelize import freeze, parallelize, reshard
-from train.reference import (LiveReference, Reference, TableReference, cache_key,
+from prefixdpo.train.config import Config, to_toml
+from prefixdpo.train.distributed import Distributed, broadcast_text, setup, teardown
+from prefixdpo.train.forward import pair_losses
+from prefixdpo.train.losses import LossConfig, LossState
+from prefixdpo.train.metrics import MetricsLogger, forward_flops, peak_flops, peak_memory_gib
+from prefixdpo.train.optim import build_optimizer, lr_at, set_lr
+from prefixdpo.train.parallelize import freeze, parallelize, reshard
+from prefixdpo.train.reference import (LiveReference, Reference, TableReference, cache_key,
                              default_cache_dir, model_fingerprint, no_reference,
                              reference_log_probs)
-from train.lora import (AdaptersOffReference, add_lora, export_adapters, init_lora,
+from prefixdpo.train.lora import (AdaptersOffReference, add_lora, export_adapters, init_lora,
                         merged_state_dict)
-from train.reporting import Reporter, check_available
-from train.run_dir import RunLock, check_writable, write_error
-from train.scoring import attention_executor, row_multiple
+from prefixdpo.train.reporting import Reporter, check_available
+from prefixdpo.train.run_dir import RunLock, check_writable, write_error
+from prefixdpo.train.scoring import attention_executor, row_multiple
 
 # Per-pair metrics, summed over the step's pairs and divided by their number when logged.
 PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -267,7 +267,7 @@ def _train(config: Config, env: Distributed) -> Path:
     config_toml = to_toml(config)
     log = print if env.is_main else _quiet
     if not env.is_main:  # every rank reads the data; one reports its skipped rows
-        logging.getLogger("data").setLevel(logging.ERROR)
+        logging.getLogger("prefixdpo.data").setLevel(logging.ERROR)
     log(f"config (resolved):\n{config_toml}")
     log(f"{env.world_size} rank(s) on {device.type}")
     check_available(cfg_train.report_to)  # a missing tracker package, before any work

@@ -40,11 +40,11 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-from data.layout import Batch
-from model.hf_checkpoint import copy_tokenizer_files, local_rows, ours_to_hf
-from model.masks import AttentionMask
-from train.config import LoraSection
-from train.forward import batch_sequence_log_probs
+from prefixdpo.data.layout import Batch
+from prefixdpo.model.hf_checkpoint import copy_tokenizer_files, local_rows, ours_to_hf
+from prefixdpo.model.masks import AttentionMask
+from prefixdpo.train.config import LoraSection
+from prefixdpo.train.forward import batch_sequence_log_probs
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from data.layout import PADDING_DOCUMENT, Batch
-from model.config import ModelConfig
-from train.run_dir import write_error
+from prefixdpo.data.layout import PADDING_DOCUMENT, Batch
+from prefixdpo.model.config import ModelConfig
+from prefixdpo.train.run_dir import write_error
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from train.config import OptimSection
+from prefixdpo.train.config import OptimSection
 
 
 def build_optimizer(model: nn.Module, config: OptimSection, device: torch.device

@@ -24,7 +24,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-from model.transformer import Transformer
+from prefixdpo.model.transformer import Transformer
 
 
 def parallelize(model: Transformer, mesh: DeviceMesh, *, mixed_precision: bool,

@@ -27,16 +27,16 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from data.example import Example, fingerprint
-from data.layout import Batch, Numbering
-from data.loader import fit_examples
-from model.masks import AttentionMask
-from train.forward import Reference, batch_sequence_log_probs
-from train.parallelize import reshard
-from model.hf_checkpoint import checkpoint_files
-from train.distributed import all_reduce_sum
-from train.run_dir import error_code, reason
-from train.scoring import score_sequences
+from prefixdpo.data.example import Example, fingerprint
+from prefixdpo.data.layout import Batch, Numbering
+from prefixdpo.data.loader import fit_examples
+from prefixdpo.model.masks import AttentionMask
+from prefixdpo.train.forward import Reference, batch_sequence_log_probs
+from prefixdpo.train.parallelize import reshard
+from prefixdpo.model.hf_checkpoint import checkpoint_files
+from prefixdpo.train.distributed import all_reduce_sum
+from prefixdpo.train.run_dir import error_code, reason
+from prefixdpo.train.scoring import score_sequences
 
 __all__ = ["LiveReference", "Reference", "TableReference", "no_reference", "reference_log_probs"]
 

@@ -13,11 +13,11 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data.example import Example
-from data.layout import Numbering, document_lengths, is_packed, is_shared
-from data.loader import PreferenceLoader
-from train.forward import attention_mask, batch_sequence_log_probs
-from train.parallelize import reshard
+from prefixdpo.data.example import Example
+from prefixdpo.data.layout import Numbering, document_lengths, is_packed, is_shared
+from prefixdpo.data.loader import PreferenceLoader
+from prefixdpo.train.forward import attention_mask, batch_sequence_log_probs
+from prefixdpo.train.parallelize import reshard
 
 
 def attention_executor(choice: str, device: torch.device) -> str:

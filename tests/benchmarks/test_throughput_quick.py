@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data.layout import document_lengths, is_shared
-from data.packing import round_up
+from prefixdpo.data.layout import document_lengths, is_shared
+from prefixdpo.data.packing import round_up
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "throughput.py"

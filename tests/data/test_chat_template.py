@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from data.chat_template import ChatTemplate, ChatTemplateError
-from data.tokenizer import Tokenizer
+from prefixdpo.data.chat_template import ChatTemplate, ChatTemplateError
+from prefixdpo.data.tokenizer import Tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SHARED_TOKENIZERS = Path(__file__).resolve().parents[3] / "shared" / "data" / "tokenizers"
@@ -154,7 +154,7 @@ def test_known_sandbox_escapes_stay_refused(source):
 def test_hostile_templates_stop_within_budgets_in_one_line(source, message):
     """A recursive macro, a huge string or list, nested loops: one ChatTemplateBudgetError
     naming the template, instead of RecursionError, MemoryError or a hang."""
-    from data.chat_template import ChatTemplateBudgetError
+    from prefixdpo.data.chat_template import ChatTemplateBudgetError
 
     template = ChatTemplate(source, SPECIAL, origin="the chat template of tok/", time_budget=0.3)
     with pytest.raises(ChatTemplateBudgetError, match=rf"^the chat template of tok/: {message}"

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data.config import DataConfig
-from data.dataset import load_preference_data
-from data.formats import detect_format, parse_record
-from data.reading import RowError, read_rows
-from data.tokenizer import Tokenizer
+from prefixdpo.data.config import DataConfig
+from prefixdpo.data.dataset import load_preference_data
+from prefixdpo.data.formats import detect_format, parse_record
+from prefixdpo.data.reading import RowError, read_rows
+from prefixdpo.data.tokenizer import Tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
@@ -176,7 +176,7 @@ def test_text_that_is_not_utf8_is_a_bad_row(tmp_path, tok):
 def test_skip_mode_counts_lists_and_logs_every_bad_row(tmp_path, tok, caplog):
     good = {"prompt": "Q", "chosen": "a", "rejected": "b"}
     path = write(tmp_path, [BAD_ROWS[0][0], good] + [bad for bad, _ in BAD_ROWS[1:]] + [good])
-    with caplog.at_level(logging.WARNING, logger="data.dataset"):
+    with caplog.at_level(logging.WARNING, logger="prefixdpo.data.dataset"):
         data = load(path, tok, bad_rows="skip")
     assert [e.index for e in data.examples] == [1, 7]  # source positions: gaps where skipped
     assert (data.num_rows, data.num_skipped) == (8, 6)
@@ -319,13 +319,13 @@ def test_max_examples_reads_and_counts_only_the_rows_used(tmp_path, tok, monkeyp
     """As in the demo (400 of 1,000 rows wanted, one bad row among them): the rows read and
     counted by the loading bar are the rows used, not a second whole batch read and then cut;
     the counts are printed once, by summary(), and the warning lists the skipped rows only."""
-    import data.dataset
+    import prefixdpo.data.dataset as dataset_module
 
     rows = [{"prompt": "Q", "chosen": "a", "rejected": str(i)} for i in range(12)]
     rows[2] = {"prompt": "Q", "chosen": "a", "rejected": ""}
     path = write(tmp_path, rows)
-    monkeypatch.setattr(data.dataset, "tqdm", _Bar)
-    with caplog.at_level(logging.WARNING, logger="data.dataset"):
+    monkeypatch.setattr(dataset_module, "tqdm", _Bar)
+    with caplog.at_level(logging.WARNING, logger="prefixdpo.data.dataset"):
         loaded = load_preference_data(DataConfig(path=path, max_examples=4, bad_rows="skip"),
                                       tok, progress=True)
     assert [e.index for e in loaded.examples] == [0, 1, 3, 4]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from data.formats import (CHAT, IDS, TEXT, Preference, PreferenceGroup, detect_format,
+from prefixdpo.data.formats import (CHAT, IDS, TEXT, Preference, PreferenceGroup, detect_format,
                           parse_record, rank_pairs, rename_columns)
-from data.reading import RowError
+from prefixdpo.data.reading import RowError
 
 LOC = "d.jsonl:7"
 U = {"role": "user", "content": "hi"}

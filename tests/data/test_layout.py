@@ -9,11 +9,11 @@ import pytest
 import torch
 from conftest import random_examples, tiny_config
 
-from data.example import Example, Group
-from data.layout import Numbering, collate, fit_to_length
-from data.loader import fit_examples
-from model.masks import build_attention_mask
-from model.transformer import build_model
+from prefixdpo.data.example import Example, Group
+from prefixdpo.data.layout import Numbering, collate, fit_to_length
+from prefixdpo.data.loader import fit_examples
+from prefixdpo.model.masks import build_attention_mask
+from prefixdpo.model.transformer import build_model
 
 LAYOUTS = ["shared+packed", "shared", "paired+packed", "paired"]
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import random_examples
 
-from data.loader import PreferenceLoader, fit_examples
+from prefixdpo.data.loader import PreferenceLoader, fit_examples
 
 LAYOUTS = ["shared+packed", "shared", "paired+packed", "paired"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data.packing import auto_packing_length, pack_best_fit, packing_efficiency
+from prefixdpo.data.packing import auto_packing_length, pack_best_fit, packing_efficiency
 
 
 def test_every_item_once_and_rows_within_capacity():

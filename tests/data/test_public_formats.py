@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import tokenizers
 
-from data.config import DataConfig
-from data.dataset import load_preference_data
-from data.formats import CHAT, PreferenceGroup, detect_format, parse_record
-from data.reading import read_rows
-from data.tokenizer import Tokenizer
+from prefixdpo.data.config import DataConfig
+from prefixdpo.data.dataset import load_preference_data
+from prefixdpo.data.formats import CHAT, PreferenceGroup, detect_format, parse_record
+from prefixdpo.data.reading import read_rows
+from prefixdpo.data.tokenizer import Tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FORMATS = FIXTURES / "formats"
@@ -324,7 +324,7 @@ def test_columns_missing_in_a_row(tmp_path, tok):
 def test_columns_in_a_training_config(tmp_path):
     import tomllib
 
-    from train.config import build_config, load_config, to_toml
+    from prefixdpo.train.config import build_config, load_config, to_toml
 
     config = tmp_path / "run.toml"
     config.write_text('[model]\nconfig = "m.json"\n[data]\npath = "d.jsonl"\n'

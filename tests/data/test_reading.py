@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from data import reading
-from data.reading import Row, read_file, read_rows, resolve_files
+from prefixdpo.data import reading
+from prefixdpo.data.reading import Row, read_file, read_rows, resolve_files
 
 RECORDS = [{"prompt": "a", "chosen": "b", "rejected": "c"},
            {"prompt": "d", "chosen": "e", "rejected": "f"}]

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data.tokenizer import Tokenizer, load_tokenizer
+from prefixdpo.data.tokenizer import Tokenizer, load_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SHARED_TOKENIZERS = Path(__file__).resolve().parents[3] / "shared" / "data" / "tokenizers"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data.truncation import check_limits, truncate_group
+from prefixdpo.data.truncation import check_limits, truncate_group
 
 PROMPT = np.array([1, 10, 11, 12, 13], dtype=np.int32)  # BOS + 4 tokens
 CHOSEN = np.array([20, 21, 22, 2], dtype=np.int32)

@@ -13,9 +13,9 @@ import pytest
 import torch
 from conftest import random_examples, tiny_config
 
-from data.layout import Batch
-from data.loader import PreferenceLoader, fit_examples
-from model.config import ModelConfig
+from prefixdpo.data.layout import Batch
+from prefixdpo.data.loader import PreferenceLoader, fit_examples
+from prefixdpo.model.config import ModelConfig
 
 CUDA_MARKS = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -40,7 +40,7 @@ def one_rank_group() -> Iterator:
     variables needed), destroyed afterwards."""
     import torch.distributed as dist
 
-    from train.distributed import setup
+    from prefixdpo.train.distributed import setup
 
     if dist.is_initialized():
         pytest.skip("a process group already exists in this process")

@@ -27,10 +27,10 @@ import pytest
 import torch
 from conftest import random_examples, tiny_config
 
-from data.layout import Batch
-from data.loader import PreferenceLoader, fit_examples
-from model.masks import and_masks, build_attention_mask, causal, dense_mask, document_mask
-from model.transformer import build_model
+from prefixdpo.data.layout import Batch
+from prefixdpo.data.loader import PreferenceLoader, fit_examples
+from prefixdpo.model.masks import and_masks, build_attention_mask, causal, dense_mask, document_mask
+from prefixdpo.model.transformer import build_model
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -151,7 +151,7 @@ def env(tmp_path_factory):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from train.distributed import Distributed
+    from prefixdpo.train.distributed import Distributed
 
     if dist.is_initialized():
         pytest.skip("a process group already exists in this process")
@@ -166,15 +166,15 @@ def env(tmp_path_factory):
 
 
 def trainer_model(config, env):
-    from train.parallelize import parallelize
+    from prefixdpo.train.parallelize import parallelize
 
     return parallelize(build_model(config, env.device, seed=0), env.mesh, mixed_precision=True,
                        compile=True)
 
 
 def run_step(model, batches, reference, env, optimizer):
-    from train.loop import train_step
-    from train.losses import LossConfig, LossState
+    from prefixdpo.train.loop import train_step
+    from prefixdpo.train.losses import LossConfig, LossState
 
     return train_step(model, batches, reference=reference, loss_config=LossConfig(),
                       loss_state=LossState(), optimizer=optimizer, max_grad_norm=1.0, env=env,
@@ -190,9 +190,9 @@ def graphs_compiled() -> int:
 def test_train_step_compiles_only_once(env):
     """Fixed packing length, different content each step (target and sequence counts vary):
     after the first step, no graph is compiled again."""
-    from train.config import OptimSection
-    from train.optim import build_optimizer
-    from train.reference import TableReference
+    from prefixdpo.train.config import OptimSection
+    from prefixdpo.train.optim import build_optimizer
+    from prefixdpo.train.reference import TableReference
 
     torch._dynamo.reset()
     config = cuda_config("mistral_window")
@@ -222,10 +222,10 @@ def test_first_loss_is_ln2_in_mixed_precision(env, layout):
     trainer precomputes it); policy == reference, so every DPO logit is zero up to bf16
     rounding and the loss is ln 2. beta = 0.1 scales a log-prob difference d to a loss
     change of about d / 20; 1e-2 allows d ~ 0.2 nats per pair."""
-    from train.config import OptimSection
-    from train.optim import build_optimizer
-    from train.reference import TableReference
-    from train.scoring import score_sequences
+    from prefixdpo.train.config import OptimSection
+    from prefixdpo.train.optim import build_optimizer
+    from prefixdpo.train.reference import TableReference
+    from prefixdpo.train.scoring import score_sequences
 
     torch._dynamo.reset()
     config = cuda_config("llama")

@@ -29,8 +29,8 @@ import torch
 from cuda_helpers import (CUDA_MARKS, FLOAT32_TOLERANCE, cuda_config, first_batch, full_grads,
                           no_tf32, one_rank_group, relative, within_bf16_noise)
 
-from model.masks import build_attention_mask
-from model.transformer import build_model
+from prefixdpo.model.masks import build_attention_mask
+from prefixdpo.model.transformer import build_model
 
 pytestmark = CUDA_MARKS
 
@@ -56,7 +56,7 @@ def logps_and_grads(model, batch, attention: str) -> tuple[torch.Tensor, dict]:
 
 def trainer_model(config, env, *, mixed_precision: bool = True,
                   activation_checkpointing: bool = False):
-    from train.parallelize import parallelize
+    from prefixdpo.train.parallelize import parallelize
 
     return parallelize(build_model(config, env.device, seed=0), env.mesh,
                        mixed_precision=mixed_precision,

@@ -22,7 +22,7 @@ import torch
 from cuda_helpers import (CUDA_MARKS, cuda_config, fitted_examples, full_grads,
                           graphs_compiled, loader_for, one_rank_group, relative)
 
-from model.transformer import build_model
+from prefixdpo.model.transformer import build_model
 
 pytestmark = CUDA_MARKS
 
@@ -34,10 +34,10 @@ def env():
 
 
 def test_forward_and_backward_do_not_synchronize(env):
-    from train.forward import pair_losses
-    from train.losses import LossConfig, LossState
-    from train.parallelize import parallelize
-    from train.reference import TableReference
+    from prefixdpo.train.forward import pair_losses
+    from prefixdpo.train.losses import LossConfig, LossState
+    from prefixdpo.train.parallelize import parallelize
+    from prefixdpo.train.reference import TableReference
 
     torch._dynamo.reset()
     config = cuda_config()

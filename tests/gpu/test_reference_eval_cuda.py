@@ -27,10 +27,10 @@ import torch
 from cuda_helpers import (CUDA_MARKS, LENGTH, SEQUENCE_NATS, cuda_config, fitted_examples,
                           loader_for, one_rank_group)
 
-from data.layout import Numbering
-from model.transformer import build_model
-from train.losses import LossConfig, LossState
-from train.scoring import score_sequences
+from prefixdpo.data.layout import Numbering
+from prefixdpo.model.transformer import build_model
+from prefixdpo.train.losses import LossConfig, LossState
+from prefixdpo.train.scoring import score_sequences
 
 pytestmark = CUDA_MARKS
 
@@ -46,7 +46,7 @@ def env():
 def frozen_reference_model(config, env):
     """The live reference as the trainer builds it: the initial weights stored in bfloat16,
     frozen, compiled, sharded, resharded after each forward (no backward frees them)."""
-    from train.parallelize import freeze, parallelize
+    from prefixdpo.train.parallelize import freeze, parallelize
 
     model = build_model(config, env.device, torch.bfloat16, seed=0)
     return parallelize(freeze(model), env.mesh, mixed_precision=False, compile=True,
@@ -55,8 +55,8 @@ def frozen_reference_model(config, env):
 
 @pytest.mark.parametrize("layout", ["shared+packed", "paired"])
 def test_live_reference_equals_the_precomputed_table(env, layout):
-    from train.forward import attention_mask
-    from train.reference import LiveReference
+    from prefixdpo.train.forward import attention_mask
+    from prefixdpo.train.reference import LiveReference
 
     torch._dynamo.reset()
     config = cuda_config()
@@ -95,10 +95,10 @@ def reference_with_margins(table: torch.Tensor, examples, seed: int = 0) -> torc
 
 
 def test_evaluate_on_cuda_matches_cpu_float32(env):
-    from train.distributed import Distributed
-    from train.loop import evaluate
-    from train.parallelize import parallelize
-    from train.reference import TableReference
+    from prefixdpo.train.distributed import Distributed
+    from prefixdpo.train.loop import evaluate
+    from prefixdpo.train.parallelize import parallelize
+    from prefixdpo.train.reference import TableReference
 
     torch._dynamo.reset()
     config = cuda_config()

@@ -110,8 +110,8 @@ def test_resume_and_export_on_cuda(run_config, tmp_path):
     import transformers
     from safetensors.torch import load_file
 
-    from model.hf_checkpoint import load_model
-    from model.masks import build_attention_mask
+    from prefixdpo.model.hf_checkpoint import load_model
+    from prefixdpo.model.masks import build_attention_mask
 
     full, cut = tmp_path / "full", tmp_path / "cut"
     # The uninterrupted run and the first half of the other, side by side on the GPU.

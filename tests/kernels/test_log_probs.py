@@ -12,10 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-from kernels import (DEFAULT_CHUNK_SIZE, linear_log_probs, linear_logit_stats,
+from prefixdpo.kernels.log_probs import (DEFAULT_CHUNK_SIZE, linear_log_probs, linear_logit_stats,
                      reference_linear_log_probs)
-import kernels.log_probs as log_probs_module
-from kernels.log_probs import _LinearLogProbs
+import prefixdpo.kernels.log_probs as log_probs_module
+from prefixdpo.kernels.log_probs import _LinearLogProbs
 
 IGNORE = -100
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels.reduce as reduce_module
-from kernels import sequence_log_probs
+import prefixdpo.kernels.reduce as reduce_module
+from prefixdpo.kernels.reduce import sequence_log_probs
 
 
 def test_sums_and_gradient():

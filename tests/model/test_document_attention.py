@@ -17,12 +17,12 @@ from torch.nn.attention.flex_attention import BlockMask
 import torch.nn.functional as F
 from conftest import random_examples, row_tensors, tiny_config
 
-from data import layout
-from data.loader import PreferenceLoader, fit_examples
-from model.attention import document_attention
-from model.masks import (EXECUTORS, PADDING_DOCUMENT, DocumentMask, SpanBucket,
+from prefixdpo.data import layout
+from prefixdpo.data.loader import PreferenceLoader, fit_examples
+from prefixdpo.model.attention import document_attention
+from prefixdpo.model.masks import (EXECUTORS, PADDING_DOCUMENT, DocumentMask, SpanBucket,
                          build_attention_mask, dense_mask, per_document_mask, row_mask_mod)
-from model.transformer import build_model
+from prefixdpo.model.transformer import build_model
 
 TOLERANCE = 1e-10
 LENGTH = 96

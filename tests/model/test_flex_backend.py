@@ -10,11 +10,11 @@ import pytest
 import torch
 from conftest import tiny_config
 
-import model.attention as attention
-import model.transformer as transformer
-from model.attention import FLEX_BACKENDS, flex_kernel_options
-from model.masks import build_attention_mask
-from model.transformer import Attention, build_model, set_flex_backend
+import prefixdpo.model.attention as attention
+import prefixdpo.model.transformer as transformer
+from prefixdpo.model.attention import FLEX_BACKENDS, flex_kernel_options
+from prefixdpo.model.masks import build_attention_mask
+from prefixdpo.model.transformer import Attention, build_model, set_flex_backend
 
 
 def flex_calls(monkeypatch, model) -> list[dict]:

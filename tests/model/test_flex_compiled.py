@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from conftest import row_tensors
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from model.masks import block_mask, dense_mask, row_mask_mod
+from prefixdpo.model.masks import block_mask, dense_mask, row_mask_mod
 
 compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
 

@@ -11,11 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import model.hf_checkpoint as hf_checkpoint_module
-from model.config import ModelConfig
-from model.hf_checkpoint import (CheckpointReader, load_model, load_weights, resolve_model_dir,
+import prefixdpo.model.hf_checkpoint as hf_checkpoint_module
+from prefixdpo.model.config import ModelConfig
+from prefixdpo.model.hf_checkpoint import (CheckpointReader, load_model, load_weights, resolve_model_dir,
                                  save_hf_checkpoint)
-from model.transformer import build_model
+from prefixdpo.model.transformer import build_model
 
 
 def test_missing_folder_and_files(tmp_path):

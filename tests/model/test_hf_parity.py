@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import HF_VARIANTS, causal_logits
 
-from model.hf_checkpoint import load_model, save_hf_checkpoint
-from model.masks import build_attention_mask
-from model.transformer import build_model
+from prefixdpo.model.hf_checkpoint import load_model, save_hf_checkpoint
+from prefixdpo.model.masks import build_attention_mask
+from prefixdpo.model.transformer import build_model
 
 SEQ_LEN = 24  # longer than the Mistral window (8) and the llama3 original context (16)
 

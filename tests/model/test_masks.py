@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from model.masks import (and_masks, block_mask, build_attention_mask, causal, dense_mask,
+from prefixdpo.model.masks import (and_masks, block_mask, build_attention_mask, causal, dense_mask,
                          document_mask, prefix_sharing_mask, row_mask_mod, sliding_window_mask)
 
 # One packed row: group A = prompt (2 tokens) + chosen (2) + rejected (1); group B = prompt (1)

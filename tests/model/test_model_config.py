@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from model.config import Llama3RopeScaling, ModelConfig
+from prefixdpo.model.config import Llama3RopeScaling, ModelConfig
 
 REAL_CONFIGS = Path(__file__).resolve().parents[1] / "assets" / "configs"
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from model.masks import build_attention_mask
-from model.transformer import build_model
+from prefixdpo.model.masks import build_attention_mask
+from prefixdpo.model.transformer import build_model
 
 P, C1, C2 = 7, 5, 9  # prompt, chosen, rejected lengths
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.tokenizer import load_tokenizer
+from prefixdpo.data.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 TOKENIZER = REPO / "tests" / "data" / "fixtures" / "ascii_bos"

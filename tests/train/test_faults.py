@@ -23,22 +23,22 @@ import torch
 from conftest import random_examples, tiny_config
 from safetensors import SafetensorError
 
-import train.checkpoint as checkpoint_module
-import train.loop as loop
-import train.metrics as metrics_module
-import train.reference as reference_module
-import train.run_dir as run_dir
-from data.example import Example, Group
-from data.loader import example_length, fit_examples
-from model.hf_checkpoint import load_model, save_hf_checkpoint
-from model.transformer import build_model
-from train.checkpoint import list_checkpoints, save_checkpoint
-from train.config import OptimSection, load_config
-from train.distributed import Distributed
-from train.metrics import MetricsLogger
-from train.optim import build_optimizer
-from train.reference import write_table
-from train.run_dir import RunLock, check_writable
+import prefixdpo.train.checkpoint as checkpoint_module
+import prefixdpo.train.loop as loop
+import prefixdpo.train.metrics as metrics_module
+import prefixdpo.train.reference as reference_module
+import prefixdpo.train.run_dir as run_dir
+from prefixdpo.data.example import Example, Group
+from prefixdpo.data.loader import example_length, fit_examples
+from prefixdpo.model.hf_checkpoint import load_model, save_hf_checkpoint
+from prefixdpo.model.transformer import build_model
+from prefixdpo.train.checkpoint import list_checkpoints, save_checkpoint
+from prefixdpo.train.config import OptimSection, load_config
+from prefixdpo.train.distributed import Distributed
+from prefixdpo.train.metrics import MetricsLogger
+from prefixdpo.train.optim import build_optimizer
+from prefixdpo.train.reference import write_table
+from prefixdpo.train.run_dir import RunLock, check_writable
 
 CPU = Distributed(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), mesh=None)
 
@@ -340,7 +340,7 @@ def test_an_overlong_example_with_auto_names_its_line_and_max_length():
 
 
 def test_explicit_packing_length_above_max_positions_warns(caplog):
-    with caplog.at_level(logging.WARNING, logger="data.loader"):
+    with caplog.at_level(logging.WARNING, logger="prefixdpo.data.loader"):
         fit_examples(random_examples(10, 200), "shared+packed", 1024, "truncate",
                      max_positions=512)
     warnings = [r.getMessage() for r in caplog.records]
@@ -390,10 +390,10 @@ def test_no_orphan_check_without_torchrun(monkeypatch):
 def test_stop_request_is_read_at_the_end_of_the_step():
     """A stop asked for during a step (after its backward passes began) ends that step: the
     request is read after the last backward, not when the step starts."""
-    from data.loader import PreferenceLoader
-    from train.losses import LossConfig, LossState
-    from train.reference import TableReference
-    from train.scoring import score_sequences
+    from prefixdpo.data.loader import PreferenceLoader
+    from prefixdpo.train.losses import LossConfig, LossState
+    from prefixdpo.train.reference import TableReference
+    from prefixdpo.train.scoring import score_sequences
 
     model = build_model(tiny_config(), seed=0)
     examples, report = fit_examples(random_examples(8, 200), "shared+packed", 128, "error")

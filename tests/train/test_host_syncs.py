@@ -30,15 +30,15 @@ import torch
 from conftest import random_examples, tiny_config
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import kernels.log_probs as log_probs_module
-import kernels.reduce as reduce_module
-from data.loader import PreferenceLoader, fit_examples
-from model.transformer import build_model
-from train.distributed import Distributed
-from train.forward import attention_mask, pair_losses
-from train.losses import LossConfig, LossState
-from train.loop import evaluate, train_step
-from train.reference import LiveReference, TableReference
+import prefixdpo.kernels.log_probs as log_probs_module
+import prefixdpo.kernels.reduce as reduce_module
+from prefixdpo.data.loader import PreferenceLoader, fit_examples
+from prefixdpo.model.transformer import build_model
+from prefixdpo.train.distributed import Distributed
+from prefixdpo.train.forward import attention_mask, pair_losses
+from prefixdpo.train.losses import LossConfig, LossState
+from prefixdpo.train.loop import evaluate, train_step
+from prefixdpo.train.reference import LiveReference, TableReference
 
 aten = torch.ops.aten
 CPU = Distributed(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), mesh=None)

@@ -18,18 +18,18 @@ from conftest import causal_logits, random_examples, tiny_config
 from safetensors.torch import load_file
 from test_runs import REPO, load_model_initial, losses, run, run_config  # noqa: F401
 
-from data.loader import PreferenceLoader, fit_examples
-from model.hf_checkpoint import load_model, save_hf_checkpoint
-from model.transformer import Transformer, build_model
-from train.build import ModelSource
-from train.config import LoraSection, OptimSection
-from train.distributed import Distributed
-from train.forward import attention_mask, batch_sequence_log_probs, pair_losses
-from train.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdaptersOffReference, LoRALinear,
+from prefixdpo.data.loader import PreferenceLoader, fit_examples
+from prefixdpo.model.hf_checkpoint import load_model, save_hf_checkpoint
+from prefixdpo.model.transformer import Transformer, build_model
+from prefixdpo.train.build import ModelSource
+from prefixdpo.train.config import LoraSection, OptimSection
+from prefixdpo.train.distributed import Distributed
+from prefixdpo.train.forward import attention_mask, batch_sequence_log_probs, pair_losses
+from prefixdpo.train.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdaptersOffReference, LoRALinear,
                         adapters_disabled, add_lora, init_lora, merged_state_dict, save_adapter)
-from train.loop import train_step
-from train.losses import LossConfig, LossState
-from train.optim import build_optimizer
+from prefixdpo.train.loop import train_step
+from prefixdpo.train.losses import LossConfig, LossState
+from prefixdpo.train.optim import build_optimizer
 
 CPU = Distributed(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), mesh=None)
 SEQ_LEN = 20
@@ -248,7 +248,7 @@ def test_lora_run_on_two_ranks_resumes_exactly_and_exports(run_config, tmp_path)
 def env():
     import torch.distributed as dist
 
-    from train.distributed import setup
+    from prefixdpo.train.distributed import setup
 
     env = setup("cpu")
     yield env
@@ -256,7 +256,7 @@ def env():
 
 
 def sharded_lora_grads(env, activation_checkpointing: bool) -> dict[str, torch.Tensor]:
-    from train.parallelize import parallelize
+    from prefixdpo.train.parallelize import parallelize
 
     config = LoraSection(rank=4, dropout=0.5)
     model = ModelSource(tiny_config(), None, None, 0).build(

@@ -22,7 +22,7 @@ import math
 import pytest
 import torch
 
-from train.losses import (LOSS_TYPES, LossConfig, LossState, check_finite_pairs,
+from prefixdpo.train.losses import (LOSS_TYPES, LossConfig, LossState, check_finite_pairs,
                           preference_loss)
 
 PI_W, PI_L, REF_W, REF_L = [-10.0, -7.0], [-12.0, -6.0], [-11.0, -7.0], [-11.0, -9.0]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from train import metrics
+from prefixdpo.train import metrics
 
 
 @pytest.mark.parametrize("name, expected", [

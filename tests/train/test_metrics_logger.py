@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 
-from train.metrics import MetricsLogger
+from prefixdpo.train.metrics import MetricsLogger
 
 
 def lines(path):

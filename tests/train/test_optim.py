@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from train.config import OptimSection
-from train.optim import lr_at
+from prefixdpo.train.config import OptimSection
+from prefixdpo.train.optim import lr_at
 
 
 def test_warmup_then_cosine():

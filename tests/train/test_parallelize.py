@@ -14,15 +14,15 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import FSDPModule
 from conftest import random_examples, reshards_after_forward, tiny_config
 
-from data.loader import PreferenceLoader, fit_examples
-from model.transformer import build_model
-from train.build import ModelSource
-from train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from train.config import OptimSection
-from train.distributed import setup
-from train.forward import attention_mask, batch_sequence_log_probs
-from train.optim import build_optimizer
-from train.parallelize import parallelize, reshard
+from prefixdpo.data.loader import PreferenceLoader, fit_examples
+from prefixdpo.model.transformer import build_model
+from prefixdpo.train.build import ModelSource
+from prefixdpo.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from prefixdpo.train.config import OptimSection
+from prefixdpo.train.distributed import setup
+from prefixdpo.train.forward import attention_mask, batch_sequence_log_probs
+from prefixdpo.train.optim import build_optimizer
+from prefixdpo.train.parallelize import parallelize, reshard
 
 
 @pytest.fixture(scope="module")

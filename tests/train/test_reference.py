@@ -10,10 +10,10 @@ import torch
 from conftest import random_examples, tiny_config
 from safetensors.torch import load_file, save_file
 
-from data.example import Example, Group
-from data.loader import fit_examples
-from model.transformer import build_model
-from train.reference import (TABLE_VERSION, cache_key, model_fingerprint, read_table,
+from prefixdpo.data.example import Example, Group
+from prefixdpo.data.loader import fit_examples
+from prefixdpo.model.transformer import build_model
+from prefixdpo.train.reference import (TABLE_VERSION, cache_key, model_fingerprint, read_table,
                              reference_log_probs, write_table)
 
 CPU = torch.device("cpu")

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from test_runs import REPO, losses, run, run_config  # noqa: F401 - run_config is a fixture
 
-from train.config import load_config
-from train.reporting import Reporter, check_available, tracker_tag
+from prefixdpo.train.config import load_config
+from prefixdpo.train.reporting import Reporter, check_available, tracker_tag
 
 
 def tensorboard_scalars(folder: Path) -> dict[str, dict[int, float]]:

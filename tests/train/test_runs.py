@@ -140,8 +140,8 @@ def test_resume_after_sigterm_is_exact(run_config, tmp_path):
 def test_export_loads_in_transformers(run_config, tmp_path):
     import transformers
 
-    from model.hf_checkpoint import load_model
-    from model.masks import build_attention_mask
+    from prefixdpo.model.hf_checkpoint import load_model
+    from prefixdpo.model.masks import build_attention_mask
 
     out_dir = tmp_path / "run"
     run(run_config, "--train.steps=2", "--checkpoint.every=0")
@@ -169,8 +169,8 @@ def test_export_loads_in_transformers(run_config, tmp_path):
 
 
 def load_model_initial(tmp_path: Path):
-    from model.config import ModelConfig
-    from model.transformer import build_model
+    from prefixdpo.model.config import ModelConfig
+    from prefixdpo.model.transformer import build_model
 
     return build_model(ModelConfig.from_file(tmp_path / "model.json"), seed=0)
 
@@ -233,16 +233,15 @@ def test_a_failure_on_one_rank_ends_the_run(run_config, tmp_path):
     error line instead of hanging in the next collective."""
     launcher = tmp_path / "fail_on_rank1.py"
     launcher.write_text(f"""
-import os, sys
-sys.path.insert(0, {str(REPO)!r})
-import train.loop
+import sys
+import prefixdpo.train.loop as loop
 
-original = train.loop._train
+original = loop._train
 def failing(config, env):
     if env.rank == 1:
         raise ValueError("injected failure on rank 1")
     return original(config, env)
-train.loop._train = failing
+loop._train = failing
 sys.argv = ["train.py", "--config", {str(run_config)!r}, "--checkpoint.export_hf=false"]
 import runpy
 runpy.run_path({str(REPO / 'train.py')!r}, run_name="__main__")

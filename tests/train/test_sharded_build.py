@@ -22,14 +22,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 REPO = Path(__file__).resolve().parents[2]
-if __name__ == "__main__":  # the worker, run by torchrun: import as pytest would
-    sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from conftest import (make_hf_model, random_examples, reshards_after_forward,  # noqa: E402
-                      tiny_config)
+from conftest import make_hf_model, random_examples, reshards_after_forward, tiny_config
 
-from model.hf_checkpoint import load_model, save_hf_checkpoint  # noqa: E402
-from model.transformer import build_model  # noqa: E402
+from prefixdpo.model.hf_checkpoint import load_model, save_hf_checkpoint  # noqa: E402
+from prefixdpo.model.transformer import build_model  # noqa: E402
 
 SEED = 5
 # Scenario name -> config overrides (random initialization).
@@ -86,8 +83,9 @@ def results(tmp_path_factory) -> tuple[Path, dict[str, Path], list[dict]]:
 
     process = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         __file__, str(root / "spec.json")], cwd=REPO, env=clean_env(), capture_output=True,
-        text=True, timeout=300)
+         __file__, str(root / "spec.json")], cwd=REPO,
+        env=clean_env() | {"PYTHONPATH": str(REPO / "tests")},  # the worker imports conftest
+        capture_output=True, text=True, timeout=300)
     assert process.returncode == 0, process.stderr[-5000:]
     ranks = [json.loads((root / "out" / f"rank{r}.json").read_text()) for r in range(2)]
     return root / "out", folders, ranks
@@ -219,7 +217,7 @@ def _units(model) -> dict[str, dict]:
 
 
 def _batch(vocab: int):
-    from data.loader import PreferenceLoader, fit_examples
+    from prefixdpo.data.loader import PreferenceLoader, fit_examples
 
     examples, _ = fit_examples(random_examples(12, vocab), "shared+packed", 128, "error")
     loader = PreferenceLoader(examples, "shared+packed", 2, packing_length=128, prefetch=0)
@@ -227,9 +225,9 @@ def _batch(vocab: int):
 
 
 def _compare_numerics(model, plain, frozen: bool) -> dict:
-    from train.forward import attention_mask, batch_sequence_log_probs
-    from train.parallelize import reshard
-    from train.reference import LiveReference
+    from prefixdpo.train.forward import attention_mask, batch_sequence_log_probs
+    from prefixdpo.train.parallelize import reshard
+    from prefixdpo.train.reference import LiveReference
 
     b = _batch(plain.config.vocab_size)
     mask = attention_mask(b, None, attention="dense")
@@ -259,11 +257,11 @@ def _worker(spec_file: str) -> None:
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    import model.hf_checkpoint as hf
-    from model.config import ModelConfig
-    from train.build import ModelSource
-    from train.distributed import setup
-    from train.parallelize import freeze, parallelize
+    import prefixdpo.model.hf_checkpoint as hf
+    from prefixdpo.model.config import ModelConfig
+    from prefixdpo.train.build import ModelSource
+    from prefixdpo.train.distributed import setup
+    from prefixdpo.train.parallelize import freeze, parallelize
 
     spec = json.loads(Path(spec_file).read_text())
     out = Path(spec["out"])

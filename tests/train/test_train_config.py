@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from train.config import build_config, load_config, parse_override, to_toml
+from prefixdpo.train.config import build_config, load_config, parse_override, to_toml
 
 REPO = Path(__file__).resolve().parents[2]
 MINIMAL = """
@@ -88,7 +88,7 @@ def test_readme_documents_every_key():
     import re
     import typing
 
-    from train.config import Config
+    from prefixdpo.train.config import Config
 
     readme = (REPO / "README.md").read_text()
     for section, cls in typing.get_type_hints(Config).items():

@@ -12,15 +12,15 @@ import pytest
 import torch
 from conftest import random_examples, tiny_config
 
-from data.loader import PreferenceLoader, StepBatches, fit_examples
-from model.transformer import build_model
-from train.config import OptimSection
-from train.distributed import Distributed
-from train.loop import train_step
-from train.losses import LossConfig, LossState
-from train.optim import build_optimizer
-from train.reference import TableReference
-from train.scoring import score_sequences
+from prefixdpo.data.loader import PreferenceLoader, StepBatches, fit_examples
+from prefixdpo.model.transformer import build_model
+from prefixdpo.train.config import OptimSection
+from prefixdpo.train.distributed import Distributed
+from prefixdpo.train.loop import train_step
+from prefixdpo.train.losses import LossConfig, LossState
+from prefixdpo.train.optim import build_optimizer
+from prefixdpo.train.reference import TableReference
+from prefixdpo.train.scoring import score_sequences
 
 CPU = Distributed(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), mesh=None)
 

@@ -1,1 +1,0 @@
-"""Preference data: reading, tokenization, prefix-shared group layout, packing, the loader."""

@@ -1,1 +1,0 @@
-"""The Llama / Mistral model: config, transformer, attention masks, Hugging Face checkpoint I/O."""

@@ -1,1 +1,0 @@
-"""Training: config, parallelism, losses, the loop, checkpoints, metrics."""
