@@ -4,6 +4,7 @@ Face's stack: our folders never shadow an installed package of the same name (Hu
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -26,7 +27,7 @@ import prefixdpo.kernels.log_probs, prefixdpo.model.transformer, prefixdpo.data.
 import prefixdpo.train.loop
 from pathlib import Path
 repo = Path({str(REPO)!r})
-assert not Path(kernels.__file__).is_relative_to(repo), kernels.__file__  # Hugging Face's
+assert not Path(kernels.__file__).is_relative_to(repo / "kernels"), kernels.__file__  # HF's
 assert hasattr(kernels, "get_kernel"), dir(kernels)
 assert Path(prefixdpo.kernels.log_probs.__file__) == repo / "kernels" / "log_probs.py"
 print("ok")
@@ -49,7 +50,7 @@ assert logits.shape == (1, 3, 64) and torch.isfinite(logits).all()
 print(kernels.__file__)
 """, cwd=REPO)
     assert process.returncode == 0, process.stderr
-    assert not Path(process.stdout.strip()).is_relative_to(REPO)
+    assert not Path(process.stdout.strip()).is_relative_to(REPO / "kernels")
 
 
 def test_every_entry_point_starts_from_a_scratch_folder(tmp_path):
@@ -71,10 +72,16 @@ def test_a_regular_install_holds_the_namespace_and_nothing_at_the_top(tmp_path):
     """The wheel a regular `pip install .` installs: every module under prefixdpo/, no
     top-level `model`, `data`, `train` or `kernels`; imported from the unpacked wheel alone, a
     kernel computes."""
+    source = tmp_path / "source"  # a copy: building writes build/ and *.egg-info/ beside it
+    for package in PACKAGES:
+        shutil.copytree(REPO / package, source / package,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("setup.cfg", "pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
     build = python(f"""
 from setuptools import build_meta
 print(build_meta.build_wheel({str(tmp_path)!r}))
-""", cwd=REPO)
+""", cwd=source)
     assert build.returncode == 0, build.stderr[-3000:]
     wheel = tmp_path / build.stdout.strip().splitlines()[-1]
     names = zipfile.ZipFile(wheel).namelist()
