@@ -568,7 +568,7 @@ def run_ours(spec: dict[str, Any], layout: str, channel: Channel) -> None:
     from prefixdpo.model.transformer import build_model
     from prefixdpo.train.config import OptimSection
     from prefixdpo.train.distributed import setup
-    from prefixdpo.train.forward import attention_mask, batch_sequence_log_probs
+    from prefixdpo.train.forward import attention_masks, batch_sequence_log_probs
     from prefixdpo.train.loop import train_step
     from prefixdpo.train.losses import LossConfig, LossState
     from prefixdpo.train.optim import build_optimizer
@@ -620,7 +620,7 @@ def run_ours(spec: dict[str, Any], layout: str, channel: Channel) -> None:
     first = batches[0].to(device)
     with torch.no_grad():
         logps, _ = batch_sequence_log_probs(
-            model, first, attention_mask(first, config.sliding_window, attention))
+            model, first, attention_masks(first, config, attention))
     reshard(model)
     by_pair = {int(p): [float(logps[c]), float(logps[r])] for p, c, r in zip(
         first.pair_ids.tolist(), first.chosen_sequence.tolist(),

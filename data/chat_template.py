@@ -42,6 +42,21 @@ OUTPUT_FACTOR = 10
 TIME_BUDGET_S = 10.0         # per rendering; real templates take milliseconds
 
 
+# The names datasets give a reply's reasoning. As transformers does, a message carrying one of
+# them gets `reasoning_content` (what Qwen3's templates read) and `thinking` (gpt-oss's) too.
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+def _alias_reasoning(message: Any) -> Any:
+    if not isinstance(message, Mapping):
+        return message
+    reasoning = next((message[key] for key in REASONING_FIELDS if message.get(key) is not None),
+                     None)
+    if reasoning is None:
+        return message
+    return {"thinking": reasoning, **message, "reasoning_content": reasoning}
+
+
 class ChatTemplateError(ValueError):
     """The template failed to compile, refused the messages, or cannot be split."""
 
@@ -176,7 +191,8 @@ class ChatTemplate:
         try:
             pieces, size = [], 0
             for piece in self._template.generate(
-                    messages=list(messages), add_generation_prompt=add_generation_prompt,
+                    messages=[_alias_reasoning(m) for m in messages],
+                    add_generation_prompt=add_generation_prompt,
                     tools=None, documents=None, **self._variables):
                 size += len(piece)
                 budget.check_size(size)

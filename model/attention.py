@@ -69,18 +69,19 @@ class _PromptThenOwnAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: Tensor, prompt_k: Tensor, prompt_v: Tensor, k: Tensor, v: Tensor,
-                prompt_mask: Tensor | None, mask: Tensor | None) -> Tensor:
+                prompt_mask: Tensor | None, mask: Tensor | None, scale: float) -> Tensor:
         flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
         prompt_bias, bias = _bias(prompt_mask, q.dtype), _bias(mask, q.dtype)
-        prompt_out, prompt_lse = flash(q, prompt_k, prompt_v, 0.0, False, attn_mask=prompt_bias)
-        own_out, own_lse = flash(q, k, v, 0.0, mask is None, attn_mask=bias)
+        prompt_out, prompt_lse = flash(q, prompt_k, prompt_v, 0.0, False, attn_mask=prompt_bias,
+                                       scale=scale)
+        own_out, own_lse = flash(q, k, v, 0.0, mask is None, attn_mask=bias, scale=scale)
         if prompt_mask is not None:  # a query that sees no prompt key (a sliding window)
             prompt_lse = prompt_lse.masked_fill(~prompt_mask.any(-1), -math.inf)
         lse = torch.logaddexp(prompt_lse, own_lse)
         out = ((prompt_lse - lse).exp().unsqueeze(-1) * prompt_out.to(lse.dtype)
                + (own_lse - lse).exp().unsqueeze(-1) * own_out.to(lse.dtype)).to(q.dtype)
         ctx.save_for_backward(q, prompt_k, prompt_v, k, v, out, lse, prompt_bias, bias)
-        ctx.causal = mask is None
+        ctx.causal, ctx.scale = mask is None, scale
         return out
 
     @staticmethod
@@ -90,21 +91,22 @@ class _PromptThenOwnAttention(torch.autograd.Function):
         flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
         grad = grad.contiguous()
         dq, prompt_dk, prompt_dv = flash_backward(grad, q, prompt_k, prompt_v, out, lse, 0.0,
-                                                  False, attn_mask=prompt_bias)
+                                                  False, attn_mask=prompt_bias, scale=ctx.scale)
         own_dq, dk, dv = flash_backward(grad, q, k, v, out, lse, 0.0, ctx.causal,
-                                        attn_mask=bias)
-        return dq + own_dq, prompt_dk, prompt_dv, dk, dv, None, None
+                                        attn_mask=bias, scale=ctx.scale)
+        return dq + own_dq, prompt_dk, prompt_dv, dk, dv, None, None, None
 
 
-def _attend(q: Tensor, k: Tensor, v: Tensor, bucket: SpanBucket) -> Tensor:
+def _attend(q: Tensor, k: Tensor, v: Tensor, bucket: SpanBucket, scale: float) -> Tensor:
     """One bucket: `q [n, heads, lq, d]` over `k`, `v` `[n, kv_heads, lk, d]`."""
     if bucket.prompt_keys == 0:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bucket.mask,
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bucket.mask, scale=scale,
                                               is_causal=bucket.mask is None, enable_gqa=True)
     lp = bucket.prompt_keys
     if q.device.type == "cpu" and _flash_cpu_ops_exist():
         return _PromptThenOwnAttention.apply(q, k[:, :, :lp], v[:, :, :lp], k[:, :, lp:],
-                                             v[:, :, lp:], bucket.prompt_mask, bucket.mask)
+                                             v[:, :, lp:], bucket.prompt_mask, bucket.mask,
+                                             scale)
     # Elsewhere one call under the whole mask.
     shape = (bucket.spans, 1, bucket.queries)
     prompt_mask = bucket.prompt_mask if bucket.prompt_mask is not None else \
@@ -112,15 +114,18 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, bucket: SpanBucket) -> Tensor:
     mask = bucket.mask if bucket.mask is not None else torch.ones(
         *shape, bucket.keys - lp, dtype=torch.bool, device=q.device).tril()
     return F.scaled_dot_product_attention(q, k, v, attn_mask=torch.cat([prompt_mask, mask], -1),
-                                          enable_gqa=True)
+                                          scale=scale, enable_gqa=True)
 
 
-def document_attention(q: Tensor, k: Tensor, v: Tensor, mask: DocumentMask) -> Tensor:
+def document_attention(q: Tensor, k: Tensor, v: Tensor, mask: DocumentMask,
+                       scale: float | None = None) -> Tensor:
     """Attention `[B, heads, L, head_dim]` of `q [B, heads, L, head_dim]` over `k`, `v`
-    `[B, kv_heads, L, head_dim]`, one bucket of spans at a time; equal to dense SDPA with
-    the full mask on every non-padding token (padding tokens attend to themselves only)."""
+    `[B, kv_heads, L, head_dim]` with q.k scaled by `scale` (None: 1/sqrt(head_dim)), one
+    bucket of spans at a time; equal to dense SDPA with the full mask on every non-padding
+    token (padding tokens attend to themselves only)."""
     batch, num_heads, seq_len, head_dim = q.shape
     assert (batch, seq_len) == (mask.batch_size, mask.seq_len), "mask built for other rows"
+    scale = head_dim ** -0.5 if scale is None else scale
     no_rows = mask.empty_query_slots[:0]
 
     def tokens(x: Tensor) -> Tensor:
@@ -139,7 +144,7 @@ def document_attention(q: Tensor, k: Tensor, v: Tensor, mask: DocumentMask) -> T
                               mask.empty_query_slots, no_rows)
     keys, values = (tokens(x).index_select(0, mask.key_slot_token) for x in (k, v))
     query_lengths, key_lengths = [b.queries for b in mask.buckets], [b.keys for b in mask.buckets]
-    outputs = [_attend(q_b, k_b, v_b, bucket)
+    outputs = [_attend(q_b, k_b, v_b, bucket, scale)
                for q_b, k_b, v_b, bucket in zip(per_bucket(queries, query_lengths),
                                                 per_bucket(keys, key_lengths),
                                                 per_bucket(values, key_lengths), mask.buckets)]

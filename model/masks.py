@@ -18,15 +18,18 @@ executor (`EXECUTORS`; `build_attention_mask` builds the mask in the form each o
 
 The rule for a query q and key k in one row (see DESIGN section 2):
     same document  and  k <= q  and  (segment[k] == 0  or  segment[k] == segment[q])
-    and, for Mistral, positions[q] - positions[k] < sliding_window.
+    and, in a sliding-window layer, positions[q] - positions[k] < sliding_window.
 Positions restart at the prompt length for every completion, so the window is measured in the
-original (unshared) sequence, exactly as the model would see prompt+completion alone.
+original (unshared) sequence, exactly as the model would see prompt+completion alone. A model
+whose layers differ in window (Gemma 3, Qwen with `max_window_layers`) gets one mask per
+distinct window (`build_layer_masks`), built once per micro-batch.
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Callable, Union
 
 import torch
@@ -65,7 +68,8 @@ def prefix_sharing_mask(segment_ids: Tensor) -> MaskMod:
 
 
 def sliding_window_mask(positions: Tensor, window: int) -> MaskMod:
-    """Mistral: a query sees the `window` most recent positions, itself included."""
+    """A sliding-window layer: a query sees the `window` most recent positions, itself
+    included."""
 
     def within_window(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         return positions[b, q_idx] - positions[b, kv_idx] < window
@@ -175,6 +179,9 @@ class DocumentMask:
 
 # What the model's attention takes, one form per executor.
 AttentionMask = Union[BlockMask, Tensor, DocumentMask]
+# The masks of one micro-batch, one per distinct attention window of the model's layers (None:
+# full attention), each built once and shared by the layers of that window and the reference.
+LayerMasks = Mapping[Union[int, None], AttentionMask]
 
 # Bucket bounds for query and key lengths: 1 (padding tokens), then 16, 24, 32, 48, 64,
 # 96, ... A bucket pads its spans to its longest, under 1.5x a span's length in each
@@ -294,6 +301,16 @@ def per_document_mask(document_ids: Tensor, segment_ids: Tensor, positions: Tens
     return DocumentMask(query_slot_token.to(device), token_slot.to(device),
                         (~real).nonzero().squeeze(1).to(device),
                         torch.cat(key_tokens).to(device), tuple(buckets), batch_size, seq_len)
+
+
+def build_layer_masks(document_ids: Tensor, segment_ids: Tensor, positions: Tensor,
+                      windows: tuple[int | None, ...], executor: str,
+                      flex_block_size: int = FLEX_BLOCK_SIZE) -> LayerMasks:
+    """One mask per window in `windows` (a model's `config.attention_windows`), each in the
+    form `executor` takes (see `build_attention_mask`)."""
+    return {window: build_attention_mask(document_ids, segment_ids, positions, window, executor,
+                                         flex_block_size)
+            for window in windows}
 
 
 def build_attention_mask(document_ids: Tensor, segment_ids: Tensor, positions: Tensor,

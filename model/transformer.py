@@ -1,14 +1,19 @@
-"""The Llama / Mistral decoder, written to be read top to bottom.
+"""The decoder of Llama, Mistral, Qwen2, Qwen3 and Gemma 3, written to be read top to bottom.
 
-Module and parameter names are Hugging Face's leaf names (`q_proj`, `gate_proj`,
-`input_layernorm`, ...), so a checkpoint converts by dropping the `model.` prefix; no q/k
-permutation is needed because RoPE here is the rotate-half form transformers uses.
+One model, with the few terms that tell the families apart driven by the config (see
+`model.config`): bias on q/k/v/o, RMSNorm of each head's q and k, Gemma's `(1 + w)` norms and
+the norms around attention and MLP, scaled embeddings, the MLP's activation, the attention
+scale, and a per-layer attention window and RoPE. Module and parameter names are Hugging
+Face's leaf names (`q_proj`, `gate_proj`, `input_layernorm`, `q_norm`, ...), so a checkpoint
+converts by dropping the `model.` prefix; no q/k permutation is needed because RoPE here is the
+rotate-half form transformers uses.
 
 Prefix sharing needs three things from the model, all explicit inputs of `forward`:
 - `positions`: RoPE is indexed by these, not by the index in the row, so every completion
   restarts at the prompt length;
-- an attention mask built by `model.masks`, whose type picks the executor: a FlexAttention
-  `BlockMask`, a dense bool mask for SDPA, or a `DocumentMask` (SDPA per document);
+- attention masks built by `model.masks`, one per distinct attention window of the layers
+  (`LayerMasks`), whose type picks the executor: a FlexAttention `BlockMask`, a dense bool
+  mask for SDPA, or a `DocumentMask` (SDPA per document);
 - the flat indexes of the hidden states that predict each target token, so log-probs are
   computed only where they are needed (see `kernels.linear_log_probs`).
 
@@ -30,9 +35,9 @@ from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from prefixdpo.kernels.log_probs import linear_log_probs
-from prefixdpo.model.config import ModelConfig
+from prefixdpo.model.config import LinearRopeScaling, ModelConfig, Rope
 from prefixdpo.model.attention import document_attention, flex_kernel_options
-from prefixdpo.model.masks import AttentionMask, DocumentMask
+from prefixdpo.model.masks import DocumentMask, LayerMasks
 
 
 # FlexAttention must be compiled to run as a fused kernel on CUDA; inside an already compiled
@@ -44,16 +49,18 @@ from prefixdpo.model.masks import AttentionMask, DocumentMask
 compiled_flex_attention = torch.compile(flex_attention)
 
 
-def rope_inverse_frequencies(config: ModelConfig, device: torch.device | None = None) -> Tensor:
+def rope_inverse_frequencies(rope: Rope, head_dim: int, device: torch.device | None = None
+                             ) -> Tensor:
     """Per-pair rotation frequencies `[head_dim // 2]`, float32, as transformers computes them.
     Recomputed on each forward (a few tiny ops) rather than kept in a buffer that a dtype cast
     of the module would round."""
-    dim = config.head_dim
-    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
-    inv_freq = 1.0 / (config.rope_theta ** exponents)
-    scaling = config.rope_scaling
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
+    inv_freq = 1.0 / (rope.theta ** exponents)
+    scaling = rope.scaling
     if scaling is None:
         return inv_freq
+    if isinstance(scaling, LinearRopeScaling):  # position interpolation
+        return inv_freq / scaling.factor
     # Llama 3.x: long wavelengths are slowed by `factor`, short ones kept, the band between
     # interpolated smoothly.
     old_context = scaling.original_max_position_embeddings
@@ -83,47 +90,62 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """RMSNorm over the last dimension. Llama's scales by `w` in the input dtype after
+    normalizing in float32; Gemma's (`unit_offset`) by `1 + w`, all in float32, each as
+    transformers computes it in bfloat16 too."""
+
+    def __init__(self, dim: int, eps: float, unit_offset: bool = False):
         super().__init__()
         self.eps = eps
+        self.unit_offset = unit_offset
         self.weight = nn.Parameter(torch.empty(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # Normalize in float32, scale in the input dtype (what transformers does in bf16 too).
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.unit_offset:
+            return (x32 * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * x32.to(x.dtype)
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, window: int | None):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
+        self.scale = config.attention_scale
+        self.window = window  # which of the micro-batch's masks this layer takes
         d = config.hidden_size
-        self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=False)
+        self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=config.o_bias)
+        if config.qk_norm:  # Qwen3, Gemma 3: each head's q and k normalized before RoPE
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, config.norm_unit_offset)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, config.norm_unit_offset)
         # FlexAttention's kernel_options (which backend), set from outside by
         # `set_flex_backend`; None leaves the choice to torch.
         self.flex_kernel_options: dict[str, str] | None = None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttentionMask) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, masks: LayerMasks) -> Tensor:
         batch, seq_len, _ = x.shape
         q = self.q_proj(x).view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        mask = masks[self.window]
         if isinstance(mask, BlockMask):
             flex = compiled_flex_attention if q.is_cuda else flex_attention
-            out = flex(q, k, v, block_mask=mask, enable_gqa=True,
+            out = flex(q, k, v, block_mask=mask, scale=self.scale, enable_gqa=True,
                        kernel_options=self.flex_kernel_options)
         elif isinstance(mask, DocumentMask):
-            out = document_attention(q, k, v, mask)
+            out = document_attention(q, k, v, mask, self.scale)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
+                                                 enable_gqa=True)
         out = out.transpose(1, 2).reshape(batch, seq_len, self.num_heads * self.head_dim)
         return self.o_proj(out)
 
@@ -144,22 +166,39 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.tanh_gelu = config.hidden_act == "gelu_pytorch_tanh"  # Gemma; else SiLU
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate = self.gate_proj(x)
+        gate = F.gelu(gate, approximate="tanh") if self.tanh_gelu else F.silu(gate)
+        return self.down_proj(gate * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig):
+    """Llama's block: `x + attn(norm(x))`, then `h + mlp(norm(h))`. With sandwich norms
+    (Gemma 3) the attention's and the MLP's outputs are normalized too before they are added,
+    and the MLP's input norm is `pre_feedforward_layernorm` (Gemma's `post_attention_layernorm`
+    is the norm *after* attention, Llama's the one before the MLP: the names are Hugging
+    Face's)."""
+
+    def __init__(self, config: ModelConfig, window: int | None):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        d, eps, offset = config.hidden_size, config.rms_norm_eps, config.norm_unit_offset
+        self.input_layernorm = RMSNorm(d, eps, offset)
+        self.self_attn = Attention(config, window)
+        self.post_attention_layernorm = RMSNorm(d, eps, offset)
+        if config.sandwich_norms:
+            self.pre_feedforward_layernorm = RMSNorm(d, eps, offset)
+            self.post_feedforward_layernorm = RMSNorm(d, eps, offset)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttentionMask) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, masks: LayerMasks) -> Tensor:
+        attended = self.self_attn(self.input_layernorm(x), cos, sin, masks)
+        if not hasattr(self, "pre_feedforward_layernorm"):
+            x = x + attended
+            return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.post_attention_layernorm(attended)
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
 class LMHead(nn.Module):
@@ -182,8 +221,9 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.layers = nn.ModuleList(DecoderLayer(config, window)
+                                    for window in config.layer_windows)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_unit_offset)
         self.lm_head = LMHead(config)
         self.tie_weights()
 
@@ -196,11 +236,12 @@ class Transformer(nn.Module):
     def initial_weights(self, generator: torch.Generator | None = None
                         ) -> Iterator[tuple[nn.Parameter, Tensor]]:
         """Random initialization, transformers' scheme: N(0, initializer_range) for the
-        embedding and the projections, norms at one. Yields each parameter with its full
-        float32 value, drawn on the generator's device (the parameter's without one), one at a
-        time and in module order, so that whoever stores only part of a parameter gets the
-        same numbers. With tied embeddings the head's draw comes after, and replaces, the
-        embedding's: the order this scheme has always had, so a seed keeps its weights."""
+        embedding and the projection weights, zero biases, norms at one (at zero for Gemma's
+        `1 + w` norms: the same identity). Yields each parameter with its full float32 value,
+        drawn on the generator's device (the parameter's without one), one at a time and in
+        module order, so that whoever stores only part of a parameter gets the same numbers.
+        With tied embeddings the head's draw comes after, and replaces, the embedding's: the
+        order this scheme has always had, so a seed keeps its weights."""
         std = self.config.initializer_range
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding, LMHead)):
@@ -208,8 +249,12 @@ class Transformer(nn.Module):
                 device = weight.device if generator is None else generator.device
                 value = torch.empty(weight.shape, device=device)
                 yield weight, value.normal_(0.0, std, generator=generator)
+                if getattr(module, "bias", None) is not None:
+                    yield module.bias, torch.zeros(module.bias.shape, device=device)
             elif isinstance(module, RMSNorm):
-                yield module.weight, torch.ones(module.weight.shape, device=module.weight.device)
+                fill = 0.0 if module.unit_offset else 1.0
+                yield module.weight, torch.full(module.weight.shape, fill,
+                                                device=module.weight.device)
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
@@ -217,16 +262,24 @@ class Transformer(nn.Module):
         for param, value in self.initial_weights(generator):
             param.copy_(value)
 
-    def forward(self, input_ids: Tensor, positions: Tensor, mask: AttentionMask,
+    def forward(self, input_ids: Tensor, positions: Tensor, masks: LayerMasks,
                 target_index: Tensor | None = None, target_ids: Tensor | None = None) -> Tensor:
         """Hidden states `[B, L, D]` after the final norm; or, given targets, the float32
         log-prob `[T]` of each `target_ids[t]` predicted by the hidden state at flat index
-        `target_index[t]` of the `[B * L]` grid, computed by the head module (`LMHead`)."""
+        `target_index[t]` of the `[B * L]` grid, computed by the head module (`LMHead`).
+        `masks` holds one mask per attention window of the layers (`model.masks`)."""
         h = self.embed_tokens(input_ids)
-        inv_freq = rope_inverse_frequencies(self.config, device=positions.device)
-        cos, sin = rope_cos_sin(positions, inv_freq, h.dtype)
-        for layer in self.layers:
-            h = layer(h, cos, sin, mask)
+        if self.config.scale_embeddings:
+            # Gemma: sqrt(hidden) rounded to float32, then to the embedding's dtype, as
+            # transformers rounds it.
+            h = h * float(torch.tensor(self.config.hidden_size ** 0.5).to(h.dtype))
+        # One cos/sin per distinct RoPE (Gemma 3: one for sliding and one for full layers).
+        rotations: dict[Rope, tuple[Tensor, Tensor]] = {}
+        for rope in dict.fromkeys(self.config.layer_ropes):
+            inv_freq = rope_inverse_frequencies(rope, self.config.head_dim, positions.device)
+            rotations[rope] = rope_cos_sin(positions, inv_freq, h.dtype)
+        for layer, rope in zip(self.layers, self.config.layer_ropes):
+            h = layer(h, *rotations[rope], masks)
         h = self.norm(h)
         if target_index is None:
             return h

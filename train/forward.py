@@ -14,24 +14,26 @@ from torch import Tensor, nn
 
 from prefixdpo.data.layout import Batch
 from prefixdpo.kernels.reduce import sequence_log_probs
-from prefixdpo.model.masks import FLEX_BLOCK_SIZE, AttentionMask, build_attention_mask
+from prefixdpo.model.config import ModelConfig
+from prefixdpo.model.masks import FLEX_BLOCK_SIZE, LayerMasks, build_layer_masks
 from prefixdpo.train.losses import LossConfig, LossState, preference_loss
 
 # Reference log-probs `[S]` of a batch's sequences (None for reference-free losses).
-Reference = Callable[[Batch, AttentionMask], "Tensor | None"]
+Reference = Callable[[Batch, LayerMasks], "Tensor | None"]
 
 
-def attention_mask(batch: Batch, sliding_window: int | None, attention: str,
-                   flex_block_size: int = FLEX_BLOCK_SIZE) -> AttentionMask:
-    """Built once per micro-batch and shared by the policy and a live reference."""
-    return build_attention_mask(batch.document_ids, batch.segment_ids, batch.positions,
-                                sliding_window, attention, flex_block_size)
+def attention_masks(batch: Batch, config: ModelConfig, attention: str,
+                    flex_block_size: int = FLEX_BLOCK_SIZE) -> LayerMasks:
+    """One mask per attention window of the model's layers, built once per micro-batch and
+    shared by the policy and a live reference."""
+    return build_layer_masks(batch.document_ids, batch.segment_ids, batch.positions,
+                             config.attention_windows, attention, flex_block_size)
 
 
-def batch_sequence_log_probs(model: nn.Module, batch: Batch, mask: AttentionMask
+def batch_sequence_log_probs(model: nn.Module, batch: Batch, masks: LayerMasks
                              ) -> tuple[Tensor, Tensor]:
     """(log-prob sums `[S]` float32, token counts `[S]` int64) of the batch's sequences."""
-    token_logps = model(batch.input_ids, batch.positions, mask, batch.target_index,
+    token_logps = model(batch.input_ids, batch.positions, masks, batch.target_index,
                         batch.target_ids)
     sums = sequence_log_probs(token_logps, batch.target_sequence, batch.num_sequences)
     return sums, batch.sequence_num_tokens
@@ -40,13 +42,13 @@ def batch_sequence_log_probs(model: nn.Module, batch: Batch, mask: AttentionMask
 def pair_losses(model: nn.Module, batch: Batch, reference: Reference, loss_config: LossConfig,
                 loss_state: LossState, attention: str, flex_block_size: int = FLEX_BLOCK_SIZE
                 ) -> tuple[Tensor, dict[str, Tensor], LossState]:
-    """Per-pair losses `[N]`, per-pair metrics and the advanced loss state of a batch. One
-    mask serves the policy and a live reference."""
-    mask = attention_mask(batch, model.config.sliding_window, attention, flex_block_size)
+    """Per-pair losses `[N]`, per-pair metrics and the advanced loss state of a batch. The
+    masks serve the policy and a live reference."""
+    masks = attention_masks(batch, model.config, attention, flex_block_size)
     # The reference (no grad) runs first: a live one's gathered weights and activations are
     # freed before the policy's activations, kept for backward, exist.
-    ref = reference(batch, mask)
-    logps, num_tokens = batch_sequence_log_probs(model, batch, mask)
+    ref = reference(batch, masks)
+    logps, num_tokens = batch_sequence_log_probs(model, batch, masks)
     chosen, rejected = batch.chosen_sequence, batch.rejected_sequence
     return preference_loss(
         loss_config, logps[chosen], logps[rejected],

@@ -42,7 +42,7 @@ from torch.distributed.tensor import DTensor
 
 from prefixdpo.data.layout import Batch
 from prefixdpo.model.hf_checkpoint import copy_tokenizer_files, local_rows, ours_to_hf
-from prefixdpo.model.masks import AttentionMask
+from prefixdpo.model.masks import LayerMasks
 from prefixdpo.train.config import LoraSection
 from prefixdpo.train.forward import batch_sequence_log_probs
 
@@ -61,15 +61,17 @@ class LoRAFactor(nn.Module):
 
 
 class LoRALinear(nn.Linear):
-    """An `nn.Linear` without bias (the base, frozen) plus a low-rank update. An `nn.Linear`
-    itself, so code that handles projections (initialization, loading) handles it too."""
+    """An `nn.Linear` (the base, frozen, with its bias if it has one: Qwen2's q/k/v) plus a
+    low-rank update. An `nn.Linear` itself, so code that handles projections (initialization,
+    loading) handles it too."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
-        assert base.bias is None, "the model's projections have no bias"
         # A placeholder weight on the meta device (nothing allocated or drawn), replaced by
-        # the base's own parameter, under the same name.
-        super().__init__(base.in_features, base.out_features, bias=False, device="meta")
+        # the base's own parameters, under the same names.
+        super().__init__(base.in_features, base.out_features, bias=base.bias is not None,
+                         device="meta")
         self.weight = base.weight
+        self.bias = base.bias
         with torch.device(base.weight.device):
             self.lora_A = LoRAFactor(rank, base.in_features).to(base.weight.dtype)
             self.lora_B = LoRAFactor(base.out_features, rank).to(base.weight.dtype)
@@ -78,7 +80,7 @@ class LoRALinear(nn.Linear):
         self.adapters_enabled = True
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.linear(x, self.weight)
+        y = F.linear(x, self.weight, self.bias)
         if not self.adapters_enabled:
             return y
         # Dropout only in a forward that computes gradients: evaluation and scoring, which
@@ -175,9 +177,9 @@ class AdaptersOffReference:
         self.model = model
 
     @torch.no_grad()
-    def __call__(self, batch: Batch, mask: AttentionMask) -> Tensor:
+    def __call__(self, batch: Batch, masks: LayerMasks) -> Tensor:
         with adapters_disabled(self.model):
-            return batch_sequence_log_probs(self.model, batch, mask)[0]
+            return batch_sequence_log_probs(self.model, batch, masks)[0]
 
 
 def split_state_dict(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:

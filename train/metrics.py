@@ -4,7 +4,8 @@
 FLOPs are those the step really computes, counted from the batch: for every non-padding token
 the decoder layers' matmuls (6 x layer params: forward and backward), the head for every target
 token only (the kernel never computes prompt logits), and attention over the (query, key) pairs
-the mask allows (each query sees `min(position + 1, window)` keys in every layout). A live
+the mask allows (each query sees `min(position + 1, window)` keys in every layout, with each
+layer's own window). A live
 reference adds its forward (a third of that). Padding and masked-out attention are not counted,
 so MFU measures useful work.
 """
@@ -64,13 +65,14 @@ def forward_flops(batch: Batch, config: ModelConfig) -> float:
     real = batch.document_ids != PADDING_DOCUMENT
     tokens = int(real.sum())
     keys = batch.positions + 1
-    if config.sliding_window is not None:
-        keys = keys.clamp(max=config.sliding_window)
-    attention_pairs = int((keys * real).sum())
+    # Each layer's query sees min(position + 1, window) keys: one count per distinct window.
+    pairs = {window: int(((keys if window is None else keys.clamp(max=window)) * real).sum())
+             for window in config.attention_windows}
+    attention_pairs = sum(pairs[window] for window in config.layer_windows)
     d = config.hidden_size
     head = 0 if config.tie_word_embeddings else config.vocab_size * d
     layer_params = config.num_params - config.vocab_size * d - head - d
-    attention = 4 * config.num_hidden_layers * config.num_attention_heads * config.head_dim
+    attention = 4 * config.num_attention_heads * config.head_dim  # q.k and p.v, per layer
     return (2 * layer_params * tokens + 2 * config.vocab_size * d * len(batch.target_ids)
             + attention * attention_pairs)
 

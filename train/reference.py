@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from prefixdpo.data.example import Example, fingerprint
 from prefixdpo.data.layout import Batch, Numbering
 from prefixdpo.data.loader import fit_examples
-from prefixdpo.model.masks import AttentionMask
+from prefixdpo.model.masks import LayerMasks
 from prefixdpo.train.forward import Reference, batch_sequence_log_probs
 from prefixdpo.train.parallelize import reshard
 from prefixdpo.model.hf_checkpoint import checkpoint_files
@@ -180,23 +180,23 @@ class TableReference:
     def __init__(self, table: torch.Tensor):
         self.table = table
 
-    def __call__(self, batch: Batch, mask: AttentionMask) -> torch.Tensor:
+    def __call__(self, batch: Batch, masks: LayerMasks) -> torch.Tensor:
         return self.table[batch.sequence_ids]
 
 
 class LiveReference:
-    """A frozen copy of the initial model, run on the same batch and mask as the policy."""
+    """A frozen copy of the initial model, run on the same batch and masks as the policy."""
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
 
     @torch.no_grad()
-    def __call__(self, batch: Batch, mask: AttentionMask) -> torch.Tensor:
-        logps = batch_sequence_log_probs(self.model, batch, mask)[0]
+    def __call__(self, batch: Batch, masks: LayerMasks) -> torch.Tensor:
+        logps = batch_sequence_log_probs(self.model, batch, masks)[0]
         reshard(self.model)  # no backward will free the gathered root parameters
         return logps
 
 
-def no_reference(batch: Batch, mask: AttentionMask) -> None:
+def no_reference(batch: Batch, masks: LayerMasks) -> None:
     """Reference-free losses (simpo, sft)."""
     return None

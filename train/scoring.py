@@ -16,7 +16,7 @@ from tqdm import tqdm
 from prefixdpo.data.example import Example
 from prefixdpo.data.layout import Numbering, document_lengths, is_packed, is_shared
 from prefixdpo.data.loader import PreferenceLoader
-from prefixdpo.train.forward import attention_mask, batch_sequence_log_probs
+from prefixdpo.train.forward import attention_masks, batch_sequence_log_probs
 from prefixdpo.train.parallelize import reshard
 
 
@@ -54,13 +54,12 @@ def score_sequences(model: torch.nn.Module, examples: Sequence[Example], *, layo
     num_sequences = Numbering(examples).num_sequences
     logps = torch.zeros(num_sequences, dtype=torch.float64, device=device)
     counts = torch.zeros(num_sequences, dtype=torch.int64, device=device)
-    sliding_window = model.config.sliding_window
     total = -(-len(loader.micro_batch_plan(0)) // world_size)
     for batch in tqdm(loader.one_pass(), total=total, desc="scoring", unit="batch",
                       disable=not progress, dynamic_ncols=True):
         batch = batch.to(device, non_blocking=True)
         sums, num_tokens = batch_sequence_log_probs(
-            model, batch, attention_mask(batch, sliding_window, attention))
+            model, batch, attention_masks(batch, model.config, attention))
         logps.index_add_(0, batch.sequence_ids, sums.double())
         counts.index_add_(0, batch.sequence_ids, num_tokens)
     reshard(model)

@@ -170,3 +170,88 @@ def test_budgets_leave_real_templates_alone():
               "{{ range(3) | length }}{% for i in range(2, 4) %}{{ i }}{% endfor %}")
     text = ChatTemplate(source, SPECIAL).render([{"role": "user", "content": "y" * 200000}])
     assert text == "<user>" + "y" * 200000 + "===323"
+
+
+# The official chat templates of the Qwen and Gemma families, as TRL ships them (its
+# chat_templates/ folder holds the templates of the model repos, byte for byte).
+FAMILY_TEMPLATES = {
+    "qwen2.5": ("qwen2_5.jinja", {"eos_token": "<|im_end|>"}),
+    "qwen3": ("qwen3.jinja", {"eos_token": "<|im_end|>"}),
+    "gemma3": ("gemma3.jinja", {"bos_token": "<bos>", "eos_token": "<eos>"}),
+}
+REASONING = [  # Qwen3: reasoning in the history, as content and as a field
+    {"role": "user", "content": "2+2?"},
+    {"role": "assistant", "content": "<think>\nadd them\n</think>\n\n4"},
+    {"role": "user", "content": "and 3+3?"},
+    {"role": "assistant", "content": "6", "reasoning": "add again"},
+]
+
+
+def family_template(family: str) -> tuple[str, dict]:
+    trl = pytest.importorskip("trl", reason="TRL ships the families' chat templates")
+    name, special = FAMILY_TEMPLATES[family]
+    return (Path(trl.__file__).parent / "chat_templates" / name).read_text(), special
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_TEMPLATES))
+def test_family_templates_render_as_transformers(family):
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    source, special = family_template(family)
+    template = ChatTemplate(source, special)
+    system = [{"role": "system", "content": "Be brief."}]
+    conversations = [*CONVERSATIONS, system + CONVERSATIONS[1]]
+    if family == "qwen3":
+        conversations.append(REASONING)
+    for messages in conversations:
+        for add_generation_prompt in (False, True):
+            if add_generation_prompt and messages[-1]["role"] == "assistant":
+                continue
+            expected = render_jinja_template([messages], chat_template=source,
+                                             add_generation_prompt=add_generation_prompt,
+                                             **special)[0][0]
+            assert template.render(messages, add_generation_prompt) == expected
+
+
+def test_qwen3_split_keeps_the_reasoning_of_the_reply_alone():
+    """Qwen3 drops the reasoning of earlier turns from the history and writes a think block
+    (empty if there is no reasoning) in the last turn: the prompt renders the same alone and
+    before each completion, so each completion is its own reply with its own reasoning."""
+    template = ChatTemplate(*family_template("qwen3"))
+    prompt_text, texts = template.split(REASONING[:3], [
+        [{"role": "assistant", "content": "6", "reasoning_content": "add again"}],
+        [{"role": "assistant", "content": "<think>guess</think>7"}],
+        [{"role": "assistant", "content": "5"}]])
+    assert prompt_text == ("<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n"
+                           "<|im_start|>user\nand 3+3?<|im_end|>\n<|im_start|>assistant\n")
+    assert texts == ["<think>\nadd again\n</think>\n\n6<|im_end|>",
+                     "<think>\nguess\n</think>\n\n7<|im_end|>",
+                     "<think>\n\n</think>\n\n5<|im_end|>"]
+
+
+def test_qwen3_prompt_ending_in_a_reply_is_refused_in_one_line():
+    """A prompt that ends with an assistant turn (a prefilled reply): Qwen3 renders that turn
+    with an empty think block when it is last and without one when a reply follows, so the
+    prompt is not a prefix of prompt + completion. Training on such a cut would misalign the
+    tokens: refused, in one line."""
+    template = ChatTemplate(*family_template("qwen3"))
+    prompt = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hel"}]
+    with pytest.raises(ChatTemplateError, match="does not render the prompt") as error:
+        template.split(prompt, [[{"role": "assistant", "content": "lo"}]])
+    assert "\n" not in str(error.value)
+
+
+def test_qwen_and_gemma_splits():
+    """ChatML (Qwen2.5, with its default system prompt) and Gemma 3 (`model` turns, the system
+    prompt folded into the first user turn, BOS written by the template)."""
+    reply = [[{"role": "assistant", "content": "fine"}]]
+    prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    qwen = ChatTemplate(*family_template("qwen2.5"))
+    assert qwen.split(prompt[1:], reply) == (
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
+        "assistant.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
+        ["fine<|im_end|>"])
+    gemma = ChatTemplate(*family_template("gemma3"))
+    assert gemma.split(prompt, reply) == (
+        "<bos><start_of_turn>user\nBe brief.\n\nhi<end_of_turn>\n<start_of_turn>model\n",
+        ["fine<end_of_turn>\n"])

@@ -29,7 +29,8 @@ from conftest import random_examples, tiny_config
 
 from prefixdpo.data.layout import Batch
 from prefixdpo.data.loader import PreferenceLoader, fit_examples
-from prefixdpo.model.masks import and_masks, build_attention_mask, causal, dense_mask, document_mask
+from prefixdpo.model.masks import (and_masks, build_attention_mask, build_layer_masks, causal,
+                                   dense_mask, document_mask)
 from prefixdpo.model.transformer import build_model
 
 pytestmark = [pytest.mark.gpu,
@@ -69,9 +70,9 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 def logps_and_grads(model, batch: Batch, attention: str) -> tuple[torch.Tensor, dict]:
     """Target log-probs and the gradients of a fixed random weighting of them."""
     model.zero_grad(set_to_none=True)
-    mask = build_attention_mask(batch.document_ids, batch.segment_ids, batch.positions,
-                                model.config.sliding_window, attention)
-    logps = model(batch.input_ids, batch.positions, mask, batch.target_index, batch.target_ids)
+    masks = build_layer_masks(batch.document_ids, batch.segment_ids, batch.positions,
+                              model.config.attention_windows, attention)
+    logps = model(batch.input_ids, batch.positions, masks, batch.target_index, batch.target_ids)
     weights = torch.randn(logps.shape, generator=torch.Generator().manual_seed(3)).cuda()
     (logps * weights).sum().backward()
     grads = {name: p.grad.detach().float().clone() for name, p in model.named_parameters()
@@ -102,7 +103,8 @@ def test_flex_equals_dense_float32(variant, no_tf32):
     with torch.no_grad():
         broken = dense_mask(and_masks(causal, document_mask(batch.document_ids)),
                             *batch.input_ids.shape, batch.input_ids.device)
-        wrong = model(batch.input_ids, batch.positions, broken, batch.target_index,
+        wrong = model(batch.input_ids, batch.positions,
+                      {w: broken for w in config.attention_windows}, batch.target_index,
                       batch.target_ids)
     assert relative(wrong, dense) > 30 * FLOAT32_TOLERANCE
     assert flex_grads.keys() == dense_grads.keys()

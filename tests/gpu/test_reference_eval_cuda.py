@@ -55,7 +55,7 @@ def frozen_reference_model(config, env):
 
 @pytest.mark.parametrize("layout", ["shared+packed", "paired"])
 def test_live_reference_equals_the_precomputed_table(env, layout):
-    from prefixdpo.train.forward import attention_mask
+    from prefixdpo.train.forward import attention_masks
     from prefixdpo.train.reference import LiveReference
 
     torch._dynamo.reset()
@@ -71,7 +71,7 @@ def test_live_reference_equals_the_precomputed_table(env, layout):
     got, expected = [], []
     for micro_batch in loader.micro_batch_plan(0)[:8]:
         batch = loader.build(micro_batch).to(env.device)
-        got.append(live(batch, attention_mask(batch, config.sliding_window, attention="flex")))
+        got.append(live(batch, attention_masks(batch, config, attention="flex")))
         expected.append(table[batch.sequence_ids].float())
     got, expected = torch.cat(got), torch.cat(expected)
     assert got.dtype == torch.float32 and len(got) > 20

@@ -111,7 +111,7 @@ def test_resume_and_export_on_cuda(run_config, tmp_path):
     from safetensors.torch import load_file
 
     from prefixdpo.model.hf_checkpoint import load_model
-    from prefixdpo.model.masks import build_attention_mask
+    from conftest import causal_logits
 
     full, cut = tmp_path / "full", tmp_path / "cut"
     # The uninterrupted run and the first half of the other, side by side on the GPU.
@@ -149,11 +149,8 @@ def test_resume_and_export_on_cuda(run_config, tmp_path):
         export, attn_implementation="eager").to("cuda").eval()
     ids = torch.randint(0, MODEL["vocab_size"], (2, 40),
                         generator=torch.Generator().manual_seed(0)).cuda()
-    positions = torch.arange(40, device="cuda").expand(2, 40)
-    zeros = torch.zeros_like(ids)
     with no_tf32(), torch.no_grad():
-        mask = build_attention_mask(zeros, zeros, positions, None, executor="dense")
-        our_logits = ours.logits(ours(ids, positions, mask))
+        our_logits = causal_logits(ours, ids)
         their_logits = theirs(ids).logits
     assert their_logits.dtype == torch.float32
     assert (our_logits - their_logits).abs().max().item() <= 1e-4

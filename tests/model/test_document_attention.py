@@ -15,13 +15,14 @@ import pytest
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 import torch.nn.functional as F
-from conftest import random_examples, row_tensors, tiny_config
+from conftest import FAMILIES, family_model, random_examples, row_tensors, tiny_config
 
 from prefixdpo.data import layout
 from prefixdpo.data.loader import PreferenceLoader, fit_examples
 from prefixdpo.model.attention import document_attention
 from prefixdpo.model.masks import (EXECUTORS, PADDING_DOCUMENT, DocumentMask, SpanBucket,
-                         build_attention_mask, dense_mask, per_document_mask, row_mask_mod)
+                                   build_attention_mask, build_layer_masks, dense_mask,
+                                   per_document_mask, row_mask_mod)
 from prefixdpo.model.transformer import build_model
 
 TOLERANCE = 1e-10
@@ -42,8 +43,9 @@ def row_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return torch.tensor(documents), torch.tensor(segments), torch.tensor(positions)
 
 
-@pytest.mark.parametrize("window", [None, 5])
-def test_attention_values_and_gradients_equal_dense(window):
+@pytest.mark.parametrize("window, scale", [(None, None), (5, None), (None, 0.2)])
+def test_attention_values_and_gradients_equal_dense(window, scale):
+    """`scale` other than 1/sqrt(head_dim): Gemma's query_pre_attn_scalar."""
     documents, segments, positions = row_batch()
     real = (documents != PADDING_DOCUMENT)[:, None, :, None]  # [B, 1, L, 1]
     generator = torch.Generator().manual_seed(0)
@@ -57,9 +59,10 @@ def test_attention_values_and_gradients_equal_dense(window):
         q, k, v = (x.clone().requires_grad_() for x in inputs)
         mask = build_attention_mask(documents, segments, positions, window, executor=executor)
         if executor == "documents":
-            out = document_attention(q, k, v, mask)
+            out = document_attention(q, k, v, mask, scale)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                                 enable_gqa=True)
         (out * weights).sum().backward()
         return out.detach(), [q.grad, k.grad, v.grad]
 
@@ -182,9 +185,9 @@ def loader_batches(config, rows: int = 3):
 def sequence_log_probs_and_grads(model, batch, executor: str):
     """Per-sequence log-probs and the parameter gradients of a fixed random weighting."""
     model.zero_grad(set_to_none=True)
-    mask = build_attention_mask(batch.document_ids, batch.segment_ids, batch.positions,
-                                model.config.sliding_window, executor=executor)
-    token_logps = model(batch.input_ids, batch.positions, mask, batch.target_index,
+    masks = build_layer_masks(batch.document_ids, batch.segment_ids, batch.positions,
+                              model.config.attention_windows, executor=executor)
+    token_logps = model(batch.input_ids, batch.positions, masks, batch.target_index,
                         batch.target_ids)
     sequences = torch.zeros(batch.num_sequences, dtype=token_logps.dtype).index_add(
         0, batch.target_sequence, token_logps)
@@ -194,13 +197,10 @@ def sequence_log_probs_and_grads(model, batch, executor: str):
     return sequences.detach(), {n: p.grad for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("variant", ["llama", "mistral_window"])
-def test_model_log_probs_and_gradients_equal_dense(variant):
-    extra = dict(sliding_window=6, architecture="MistralForCausalLM") \
-        if variant == "mistral_window" else {}
-    config = tiny_config(**extra)  # 4 heads over 2 kv heads: GQA
-    model = build_model(config, seed=0).double()
-    full, last, alone = loader_batches(config)
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_model_log_probs_and_gradients_equal_dense(family):
+    model = family_model(family).double()  # 4 heads over 2 kv heads: GQA
+    full, last, alone = loader_batches(model.config)
     documents_per_row = [len(row.unique()) for row in full.document_ids]
     assert min(documents_per_row) > 3, "want many groups per row"
     assert int(full.segment_ids.max()) >= 3, "want a group of three completions"
@@ -222,10 +222,10 @@ def test_padding_only_batch_is_finite_and_keeps_every_gradient():
     model = build_model(config, seed=0)
     documents = torch.full((2, 16), PADDING_DOCUMENT)
     zeros = torch.zeros_like(documents)
-    mask = build_attention_mask(documents, zeros, zeros, None, executor="documents")
-    assert model(zeros, zeros, mask).isfinite().all()
+    masks = {None: build_attention_mask(documents, zeros, zeros, None, executor="documents")}
+    assert model(zeros, zeros, masks).isfinite().all()
     no_targets = torch.zeros(0, dtype=torch.int64)
-    model(zeros, zeros, mask, no_targets, no_targets).sum().backward()
+    model(zeros, zeros, masks, no_targets, no_targets).sum().backward()
     for name, param in model.named_parameters():
         assert param.grad is not None and not param.grad.any(), name
 

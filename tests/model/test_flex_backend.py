@@ -13,7 +13,7 @@ from conftest import tiny_config
 import prefixdpo.model.attention as attention
 import prefixdpo.model.transformer as transformer
 from prefixdpo.model.attention import FLEX_BACKENDS, flex_kernel_options
-from prefixdpo.model.masks import build_attention_mask
+from prefixdpo.model.masks import build_layer_masks
 from prefixdpo.model.transformer import Attention, build_model, set_flex_backend
 
 
@@ -28,9 +28,9 @@ def flex_calls(monkeypatch, model) -> list[dict]:
 
     monkeypatch.setattr(transformer, "flex_attention", record)
     ids = torch.zeros(1, 128, dtype=torch.int64)
-    mask = build_attention_mask(ids, ids, ids, None, executor="flex")
+    masks = build_layer_masks(ids, ids, ids, model.config.attention_windows, executor="flex")
     with torch.no_grad():
-        model(ids, ids, mask)
+        model(ids, ids, masks)
     return calls
 
 

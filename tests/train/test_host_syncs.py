@@ -35,7 +35,7 @@ import prefixdpo.kernels.reduce as reduce_module
 from prefixdpo.data.loader import PreferenceLoader, fit_examples
 from prefixdpo.model.transformer import build_model
 from prefixdpo.train.distributed import Distributed
-from prefixdpo.train.forward import attention_mask, pair_losses
+from prefixdpo.train.forward import attention_masks, pair_losses
 from prefixdpo.train.losses import LossConfig, LossState
 from prefixdpo.train.loop import evaluate, train_step
 from prefixdpo.train.reference import LiveReference, TableReference
@@ -251,11 +251,11 @@ def test_forward_and_backward_do_not_sync(as_on_cuda, config_name, layout, refer
     batch = next(iter(loader))[0]
     assert batch.num_pairs > 0
     with watch_syncs():
-        mask = attention_mask(batch, model.config.sliding_window, attention="dense")
+        masks = attention_masks(batch, model.config, attention="dense")
         losses, metrics, _ = pair_losses(model, batch, reference, LossConfig(), LossState(),
                                          attention="dense")
         losses.sum().backward()
-    assert mask.shape[-1] == batch.input_ids.shape[1]
+    assert all(mask.shape[-1] == batch.input_ids.shape[1] for mask in masks.values())
     assert losses.shape == (batch.num_pairs,) and torch.isfinite(losses).all()
     assert all(p.grad is not None for p in model.parameters())
 

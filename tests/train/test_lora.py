@@ -24,7 +24,7 @@ from prefixdpo.model.transformer import Transformer, build_model
 from prefixdpo.train.build import ModelSource
 from prefixdpo.train.config import LoraSection, OptimSection
 from prefixdpo.train.distributed import Distributed
-from prefixdpo.train.forward import attention_mask, batch_sequence_log_probs, pair_losses
+from prefixdpo.train.forward import attention_masks, batch_sequence_log_probs, pair_losses
 from prefixdpo.train.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdaptersOffReference, LoRALinear,
                         adapters_disabled, add_lora, init_lora, merged_state_dict, save_adapter)
 from prefixdpo.train.loop import train_step
@@ -53,6 +53,11 @@ def adapted(model: Transformer, config: LoraSection, seed: int = 0) -> Transform
     ("llama_tied", LoraSection(rank=2, alpha=16.0, target_modules=("q_proj", "v_proj",
                                                                    "down_proj"))),
     ("mistral_window", LoraSection(rank=3, alpha=5.0, dropout=0.1)),
+    # Projections with a bias (the adapter adds to the biased base) and the other families.
+    ("qwen2_bias_tied", LoraSection(rank=4, alpha=8.0)),
+    ("qwen3_qk_norm_bias", LoraSection(rank=2, alpha=4.0, target_modules=("q_proj", "o_proj",
+                                                                          "up_proj"))),
+    ("gemma3_layer_types", LoraSection(rank=4, alpha=8.0)),
 ])
 def test_peft_loads_the_exported_adapter(hf_checkpoint, tmp_path, variant, config):
     peft = pytest.importorskip("peft")
@@ -180,7 +185,7 @@ def test_adapters_off_reference_is_the_base_model():
                 module.lora_B.weight.normal_(0, 0.05)
     plain = build_model(tiny_config(), seed=0)
     batch = next(iter(loader)).batches[0]
-    mask = attention_mask(batch, None, "dense")
+    mask = attention_masks(batch, plain.config, "dense")
     with torch.no_grad():
         expected = batch_sequence_log_probs(plain, batch, mask)[0]
         adapted_logps = batch_sequence_log_probs(model, batch, mask)[0]
@@ -274,7 +279,8 @@ def sharded_lora_grads(env, activation_checkpointing: bool) -> dict[str, torch.T
     _, _, loader = lora_run()
     batch = next(iter(loader)).batches[0]
     torch.manual_seed(0)  # the dropout masks
-    logps, _ = batch_sequence_log_probs(model, batch, attention_mask(batch, None, "dense"))
+    logps, _ = batch_sequence_log_probs(model, batch, attention_masks(batch, model.config,
+                                                                      "dense"))
     logps.sum().backward()
     return {n.replace("_checkpoint_wrapped_module.", ""): p.grad.full_tensor().clone()
             for n, p in model.named_parameters() if p.grad is not None}

@@ -20,7 +20,7 @@ from prefixdpo.train.build import ModelSource
 from prefixdpo.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from prefixdpo.train.config import OptimSection
 from prefixdpo.train.distributed import setup
-from prefixdpo.train.forward import attention_mask, batch_sequence_log_probs
+from prefixdpo.train.forward import attention_masks, batch_sequence_log_probs
 from prefixdpo.train.optim import build_optimizer
 from prefixdpo.train.parallelize import parallelize, reshard
 
@@ -39,7 +39,7 @@ def batch(vocab: int):
 
 
 def loss_and_grads(model, b):
-    logps, _ = batch_sequence_log_probs(model, b, attention_mask(b, None, attention="dense"))
+    logps, _ = batch_sequence_log_probs(model, b, attention_masks(b, model.config, "dense"))
     logps.sum().backward()
     grads = {}
     for name, p in model.named_parameters():
@@ -103,7 +103,7 @@ def test_no_grad_pass_leaves_sharded_parameters_registered(env):
     before = [id(p) for p in sharded.parameters()]
     b = batch(sharded.config.vocab_size)
     with torch.no_grad():
-        batch_sequence_log_probs(sharded, b, attention_mask(b, None, attention="dense"))
+        batch_sequence_log_probs(sharded, b, attention_masks(b, sharded.config, "dense"))
     reshard(sharded)
     assert [id(p) for p in sharded.parameters()] == before
 

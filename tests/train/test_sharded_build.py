@@ -23,27 +23,38 @@ from safetensors.torch import load_file, save_file
 
 REPO = Path(__file__).resolve().parents[2]
 
-from conftest import make_hf_model, random_examples, reshards_after_forward, tiny_config
+from conftest import (FAMILIES, HF_VARIANTS, make_hf_model, random_examples,
+                      reshards_after_forward, tiny_config)
 
 from prefixdpo.model.hf_checkpoint import load_model, save_hf_checkpoint  # noqa: E402
 from prefixdpo.model.transformer import build_model  # noqa: E402
 
 SEED = 5
+# The other families' oracle variants (biases, q/k norms, per-layer windows and RoPE), loaded
+# sharded and run against the plain model.
+FAMILY_VARIANTS = ("qwen2_bias_tied", "qwen3_qk_norm_bias", "gemma3_layer_types")
 # Scenario name -> config overrides (random initialization).
 INIT = {"init_untied": dict(intermediate_size=97),
-        "init_tied": dict(intermediate_size=97, tie_word_embeddings=True)}
-# Scenario name -> (Hugging Face variant overrides, save_pretrained max_shard_size).
-LOAD = {"load_single": (dict(intermediate_size=97), None),
-        "load_multi": (dict(intermediate_size=97), "40KB"),
-        "load_tied_with_head": (dict(tie_word_embeddings=True, num_key_value_heads=1), None)}
+        "init_tied": dict(intermediate_size=97, tie_word_embeddings=True),
+        # Gemma 3: its norms start at zero, its q/k norms are parameters of each layer's unit.
+        "init_gemma3": dict(FAMILIES["gemma3"], intermediate_size=97)}
+# Scenario name -> (transformers model kind, its config overrides, save_pretrained
+# max_shard_size).
+LOAD = {"load_single": ("llama", dict(intermediate_size=97), None),
+        "load_multi": ("llama", dict(intermediate_size=97), "40KB"),
+        "load_tied_with_head": ("llama", dict(tie_word_embeddings=True, num_key_value_heads=1),
+                                None),
+        **{f"load_{name}": (*HF_VARIANTS[name], None) for name in FAMILY_VARIANTS}}
+NUMERICS = ("load_single", "load_tied_with_head", "reference_bf16",
+            *(f"load_{name}" for name in FAMILY_VARIANTS))
 
 
 def make_checkpoints(root: Path) -> dict[str, Path]:
     folders = {}
-    for name, (overrides, max_shard_size) in LOAD.items():
+    for name, (kind, overrides, max_shard_size) in LOAD.items():
         folder = root / name
         kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
-        make_hf_model("llama", **overrides).save_pretrained(folder, **kwargs)
+        make_hf_model(kind, **overrides).save_pretrained(folder, **kwargs)
         folders[name] = folder
     # A tied checkpoint that also stores the head (equal to the embedding, as it must be).
     tied = folders["load_tied_with_head"] / "model.safetensors"
@@ -107,6 +118,9 @@ def test_random_init_equals_unsharded(results, scenario):
     config = tiny_config(**INIT[scenario])
     assert_same_weights(load_file(out / f"{scenario}.safetensors"),
                         build_model(config, seed=SEED).state_dict())
+    if scenario == "init_gemma3":  # (1 + w) norms start at w = 0
+        gathered = load_file(out / f"{scenario}.safetensors")
+        assert not gathered["layers.0.self_attn.q_norm.weight"].any()
     # The split is torch.chunk's, uneven here: the embedding's 211 rows as 106 + 105.
     assert [r[scenario]["local_rows"]["embed_tokens.weight"] for r in ranks] == [106, 105]
     assert [r[scenario]["local_rows"]["layers.0.mlp.gate_proj.weight"] for r in ranks] == [49, 48]
@@ -165,14 +179,14 @@ def test_sharded_validation_sees_every_row(results):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("scenario", ["init_untied", "init_tied"])
+@pytest.mark.parametrize("scenario", ["init_untied", "init_tied", "init_gemma3"])
 def test_fsdp_units(results, scenario):
     """Untied: the embedding, each layer and norm + head are units, besides the root; tied,
     the embedding and the head share the root. With two ranks the layers and the embedding
     free their gathered weights after forward, norm + head does not."""
     _, _, ranks = results
     units = ranks[0][scenario]["units"]
-    tied = scenario == "init_tied"
+    tied = scenario != "init_untied"
     assert units["layers.0"] == units["layers.1"] == {"unit": True, "reshard": True}
     assert units["root"]["unit"]
     if tied:
@@ -184,7 +198,7 @@ def test_fsdp_units(results, scenario):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("scenario", ["load_single", "load_tied_with_head", "reference_bf16"])
+@pytest.mark.parametrize("scenario", NUMERICS)
 def test_forward_backward_match_plain_model(results, scenario):
     """Sharded log-probs and gradients (two steps, both ranks on the same batch, so FSDP's
     average over ranks is the plain gradient) against the unsharded model, compared on each
@@ -225,12 +239,12 @@ def _batch(vocab: int):
 
 
 def _compare_numerics(model, plain, frozen: bool) -> dict:
-    from prefixdpo.train.forward import attention_mask, batch_sequence_log_probs
+    from prefixdpo.train.forward import attention_masks, batch_sequence_log_probs
     from prefixdpo.train.parallelize import reshard
     from prefixdpo.train.reference import LiveReference
 
     b = _batch(plain.config.vocab_size)
-    mask = attention_mask(b, None, attention="dense")
+    mask = attention_masks(b, plain.config, attention="dense")
     if frozen:
         with torch.no_grad():
             expected = batch_sequence_log_probs(plain, b, mask)[0]
@@ -329,7 +343,7 @@ def _worker(spec_file: str) -> None:
         reads.clear()
         model = build(source, torch.bfloat16 if frozen else torch.float32, frozen)
         results[name] = {"reads": list(reads)} | describe(model, source, name)
-        if name in ("load_single", "load_tied_with_head", "reference_bf16"):
+        if name in NUMERICS:
             plain = load_model(folder, dtype=torch.bfloat16 if frozen else torch.float32)
             results[name] |= _compare_numerics(model, plain, frozen)
     # Last, since the ranks then disagree: only rank 1 reads the differing row.
