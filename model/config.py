@@ -16,7 +16,9 @@ layer type for Gemma 3; `layer_types`) and as older checkpoints write it (`rope_
 `rope_scaling`, `rope_local_base_freq`, `sliding_window_pattern`, `use_sliding_window` +
 `max_window_layers`), with each family's own defaults for absent keys. Anything this
 implementation does not compute exactly as transformers does is refused with a message naming
-the field or the architecture, never silently approximated.
+the field or the architecture, never silently approximated. (Over the usual ~500 lines: the
+five families' config forms and defaults are kept together, so each key has its rules in one
+place.)
 """
 
 from __future__ import annotations

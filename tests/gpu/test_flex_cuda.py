@@ -25,7 +25,7 @@ import math
 
 import pytest
 import torch
-from conftest import random_examples, tiny_config
+from conftest import FAMILIES, random_examples, tiny_config
 
 from prefixdpo.data.layout import Batch
 from prefixdpo.data.loader import PreferenceLoader, fit_examples
@@ -41,10 +41,12 @@ FLOAT32_TOLERANCE = 1e-4
 
 
 def cuda_config(variant: str):
-    """head_dim 32: FlexAttention's kernels want a head dimension of at least 16."""
-    extra = dict(sliding_window=24, architecture="MistralForCausalLM") \
-        if variant == "mistral_window" else {}
-    return tiny_config(hidden_size=128, head_dim=32, intermediate_size=256, **extra)
+    """head_dim 32: FlexAttention's kernels want a head dimension of at least 16. Gemma 3:
+    a sliding layer then a full one, each with its own mask and RoPE, and its own scale."""
+    extra = {"llama": {},
+             "mistral_window": dict(sliding_window=24, architecture="MistralForCausalLM"),
+             "gemma3": dict(FAMILIES["gemma3"], sliding_window=24)}[variant]
+    return tiny_config(**{**extra, "hidden_size": 128, "head_dim": 32, "intermediate_size": 256})
 
 
 def loader_for(config, layout: str = "shared+packed", rows: int = 2, seed: int = 0,
@@ -89,7 +91,7 @@ def no_tf32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-@pytest.mark.parametrize("variant", ["llama", "mistral_window"])
+@pytest.mark.parametrize("variant", ["llama", "mistral_window", "gemma3"])
 def test_flex_equals_dense_float32(variant, no_tf32):
     config = cuda_config(variant)
     model = build_model(config, "cuda", seed=0)
@@ -113,7 +115,7 @@ def test_flex_equals_dense_float32(variant, no_tf32):
         assert relative(flex_grads[name], grad) <= FLOAT32_TOLERANCE, name
 
 
-@pytest.mark.parametrize("variant", ["llama", "mistral_window"])
+@pytest.mark.parametrize("variant", ["llama", "mistral_window", "gemma3"])
 def test_flex_equals_dense_bfloat16(variant, no_tf32):
     config = cuda_config(variant)
     batch = first_batch(config)

@@ -36,7 +36,10 @@ def read_all(folder: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("variant, dtype", [("llama_tied", torch.float32),
-                                            ("mistral_window", torch.bfloat16)])
+                                            ("mistral_window", torch.bfloat16),
+                                            ("qwen2_bias_tied", torch.bfloat16),
+                                            ("qwen3_qk_norm_bias", torch.float32),
+                                            ("gemma3_layer_types", torch.bfloat16)])
 def test_round_trip_is_bit_exact(hf_checkpoint, tmp_path, variant, dtype):
     folder, hf_model = hf_checkpoint(variant)
     if dtype != torch.float32:  # re-save in bf16 to check dtypes survive

@@ -276,3 +276,32 @@ def test_eval_on_start_measures_the_initial_model(run_config, tmp_path):
     assert evals[0]["eval/loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert evals[0]["eval/rewards/accuracies"] == 0.0
     assert evals[2]["eval/loss"] != pytest.approx(math.log(2), abs=1e-6)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("shape", ["tiny-qwen3", "tiny-gemma3"])
+def test_qwen3_and_gemma3_train_on_two_ranks_and_export(run_config, tmp_path, shape):
+    """The shipped tiny Qwen3 and Gemma 3 shapes (q/k norm, explicit head_dim; Gemma's sliding
+    layers shorter than the rows, per-layer RoPE with scaling, 262k-style tied head) train
+    sharded on two gloo ranks from ln 2, and their export loads in transformers as the same
+    class with the same logits."""
+    import transformers
+    from conftest import causal_logits
+
+    from prefixdpo.model.hf_checkpoint import load_model
+
+    out_dir = tmp_path / shape
+    run(run_config, f"--model.config={REPO / 'configs/models' / f'{shape}.json'}",
+        f"--train.output_dir={out_dir}", "--train.steps=3", "--checkpoint.every=0", ranks=2)
+    logged = losses(out_dir)
+    assert abs(logged[1] - math.log(2)) < 1e-5  # policy == reference at the first step
+    assert all(math.isfinite(v) for v in logged.values()) and abs(logged[3] - logged[1]) > 1e-4
+    ours = load_model(out_dir / "hf")
+    assert ours.config.model_type == json.loads(
+        (REPO / "configs/models" / f"{shape}.json").read_text())["model_type"]
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(out_dir / "hf",
+                                                               attn_implementation="eager")
+    assert type(theirs).__name__ == ours.config.architecture
+    ids = torch.randint(0, 32000, (1, 96), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (causal_logits(ours, ids) - theirs(ids).logits).abs().max() < 1e-5
