@@ -28,6 +28,11 @@ and gradient norm once per step, skips or stops on them.
 
 `reference_linear_log_probs` is the oracle: same signature, logits materialized plainly.
 `linear_logit_stats` gives per-token mean logit and entropy for metrics, chunked, without grad.
+
+With `log_sum_sq_probs=True`, `linear_log_probs` also returns, from the same pass over the
+chunks, each token's `log(sum_v p_v^2)` (TRL's `log_sum_sq_probs`: logsumexp(2 z) - 2
+logsumexp(z)), without gradient, for WPO's pair weights (`loss.use_weighting`);
+`reference_log_sum_sq_probs` is its oracle.
 """
 
 from __future__ import annotations
@@ -61,11 +66,27 @@ def reference_linear_log_probs(hidden: Tensor, weight: Tensor, targets: Tensor,
     return picked.squeeze(-1).masked_fill(ignored, 0.0).float()
 
 
+def reference_log_sum_sq_probs(hidden: Tensor, weight: Tensor, targets: Tensor,
+                               ignore_index: int = -100) -> Tensor:
+    """The oracle of `log_sum_sq_probs`: float32 `log(sum_v softmax(z)_v^2)` `[N]` from
+    materialized logits, computed as `log((softmax(z) ** 2).sum())`; 0 where ignored."""
+    _check_inputs(hidden, weight, targets, DEFAULT_CHUNK_SIZE)
+    compute_dtype = _compute_dtype(hidden)
+    logits = hidden.to(compute_dtype) @ weight.to(compute_dtype).t()          # [N, V]
+    value = logits.softmax(-1).pow(2).sum(-1).log()
+    return value.masked_fill(targets == ignore_index, 0.0).float().detach()
+
+
 def linear_log_probs(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = -100,
-                     chunk_size: int = DEFAULT_CHUNK_SIZE) -> Tensor:
+                     chunk_size: int = DEFAULT_CHUNK_SIZE, log_sum_sq_probs: bool = False
+                     ) -> Tensor | tuple[Tensor, Tensor]:
     """Float32 log-prob `[N]` of `targets[i]` under `softmax(hidden[i] @ weight.T)`; 0 where
     `targets == ignore_index`. hidden `[N, D]`, weight `[V, D]` (same floating dtype and device),
     targets `[N]` int64. Differentiable w.r.t. hidden and weight; memory O(chunk_size x V).
+
+    With `log_sum_sq_probs`, returns `(log_probs, log_sum_sq)`: the second is each token's
+    float32 `log(sum_v p_v^2)` (0 where ignored), computed in the same pass over the chunks,
+    without gradient.
 
     Raises ValueError for malformed inputs, and for targets outside `[0, V)` (other than
     ignore_index) on CPU; on CUDA such targets fail a device-side assert instead (no host
@@ -73,7 +94,8 @@ def linear_log_probs(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_ind
     gradients) non-finite."""
     _check_inputs(hidden, weight, targets, chunk_size)
     use_compiled = hidden.is_cuda
-    return _LinearLogProbs.apply(hidden, weight, targets, ignore_index, chunk_size, use_compiled)
+    return _LinearLogProbs.apply(hidden, weight, targets, ignore_index, chunk_size, use_compiled,
+                                 bool(log_sum_sq_probs))
 
 
 @torch.no_grad()
@@ -98,27 +120,39 @@ def linear_logit_stats(hidden: Tensor, weight: Tensor,
 
 
 class _LinearLogProbs(torch.autograd.Function):
-    """Saves hidden, weight, targets and the per-token logsumexp; nothing of size N x V."""
+    """Saves hidden, weight, targets and the per-token logsumexp; nothing of size N x V. With
+    `log_sum_sq`, a second output (no gradient): per-token log(sum_v p_v^2)."""
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int,
-                chunk_size: int, use_compiled: bool) -> Tensor:
+                chunk_size: int, use_compiled: bool, log_sum_sq: bool = False
+                ) -> Tensor | tuple[Tensor, Tensor]:
         _check_targets(targets, ignore_index, weight.shape[0])
         w = _operand_weight(weight, use_compiled)
         stats_dtype = _compute_dtype(hidden)
         log_probs = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         lse = torch.empty(hidden.shape[0], dtype=stats_dtype, device=hidden.device)
+        sum_sq = torch.empty(hidden.shape[0] if log_sum_sq else 0, dtype=torch.float32,
+                             device=hidden.device)
         stats = _compiled_forward_stats() if use_compiled else _forward_stats
+        square_stats = _compiled_log_sum_sq() if use_compiled else _log_sum_sq
         for start, end, h, t in _chunks(hidden, targets, ignore_index, chunk_size, use_compiled):
-            chunk_logp, chunk_lse = stats(_chunk_logits(h, w), t, ignore_index)
+            logits = _chunk_logits(h, w)
+            chunk_logp, chunk_lse = stats(logits, t, ignore_index)
             log_probs[start:end] = chunk_logp[:end - start]
             lse[start:end] = chunk_lse[:end - start]
+            if log_sum_sq:
+                sum_sq[start:end] = square_stats(logits, t, ignore_index)[:end - start]
+            del logits
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.ignore_index, ctx.chunk_size, ctx.use_compiled = ignore_index, chunk_size, use_compiled
-        return log_probs
+        if not log_sum_sq:
+            return log_probs
+        ctx.mark_non_differentiable(sum_sq)
+        return log_probs, sum_sq
 
     @staticmethod
-    def backward(ctx, grad_log_probs: Tensor):
+    def backward(ctx, grad_log_probs: Tensor, *unused: Tensor):
         hidden, weight, targets, lse = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ignore_index, use_compiled = ctx.ignore_index, ctx.use_compiled
@@ -147,7 +181,7 @@ class _LinearLogProbs(torch.autograd.Function):
             del grad_logits     # before the next chunk's logits exist: one [c, V] block at a time
         if need_weight:
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None
+        return (grad_hidden, grad_weight) + (None,) * (len(ctx.needs_input_grad) - 2)
 
 
 # ---- per-chunk math, shared by both executors ----------------------------------------------
@@ -184,6 +218,21 @@ def _grad_logits_fused(logits: Tensor, targets: Tensor, lse: Tensor, grad: Tenso
     vocab = torch.arange(logits.shape[-1], device=logits.device)
     onehot = (vocab[None, :] == targets[:, None]).to(logits.dtype)
     return (grad * (onehot - (logits - lse[:, None]).exp())).to(out_dtype)
+
+
+def _log_sum_sq(logits: Tensor, targets: Tensor, ignore_index: int) -> Tensor:
+    """logits `[c, V]` -> float32 log(sum_v p_v^2) `[c]`, 0 where ignored: with m the row's
+    largest logit, logsumexp(2 (z - m)) - 2 logsumexp(z - m), as TRL's kernel computes it;
+    z - m is exact for the largest logits, where the terms that matter are."""
+    shifted = logits - logits.amax(dim=-1, keepdim=True)     # one more [c, V] block
+    log_sum = torch.logsumexp(shifted, dim=-1)
+    value = torch.logsumexp(shifted.mul_(2), dim=-1) - 2 * log_sum
+    return torch.where(targets == ignore_index, 0.0, value).float()
+
+
+@functools.cache
+def _compiled_log_sum_sq():
+    return torch.compile(_log_sum_sq, dynamic=False)
 
 
 @functools.cache

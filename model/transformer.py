@@ -211,9 +211,12 @@ class LMHead(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(config.vocab_size, config.hidden_size))
 
-    def forward(self, hidden: Tensor, target_ids: Tensor) -> Tensor:
-        """hidden `[T, D]`, target_ids `[T]` -> log-probs `[T]` float32."""
-        return linear_log_probs(hidden, self.weight, target_ids)
+    def forward(self, hidden: Tensor, target_ids: Tensor, log_sum_sq_probs: bool = False
+                ) -> Tensor | tuple[Tensor, Tensor]:
+        """hidden `[T, D]`, target_ids `[T]` -> log-probs `[T]` float32; with
+        `log_sum_sq_probs`, also each token's log(sum_v p_v^2) `[T]` (no gradient)."""
+        return linear_log_probs(hidden, self.weight, target_ids,
+                                log_sum_sq_probs=log_sum_sq_probs)
 
 
 class Transformer(nn.Module):
@@ -263,11 +266,14 @@ class Transformer(nn.Module):
             param.copy_(value)
 
     def forward(self, input_ids: Tensor, positions: Tensor, masks: LayerMasks,
-                target_index: Tensor | None = None, target_ids: Tensor | None = None) -> Tensor:
+                target_index: Tensor | None = None, target_ids: Tensor | None = None,
+                log_sum_sq_probs: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Hidden states `[B, L, D]` after the final norm; or, given targets, the float32
         log-prob `[T]` of each `target_ids[t]` predicted by the hidden state at flat index
         `target_index[t]` of the `[B * L]` grid, computed by the head module (`LMHead`).
-        `masks` holds one mask per attention window of the layers (`model.masks`)."""
+        With `log_sum_sq_probs` (WPO's weights), the pair (log-probs `[T]`, log(sum_v p_v^2)
+        `[T]` without gradient), from the same chunked pass of the head. `masks` holds one
+        mask per attention window of the layers (`model.masks`)."""
         h = self.embed_tokens(input_ids)
         if self.config.scale_embeddings:
             # Gemma: sqrt(hidden) rounded to float32, then to the embedding's dtype, as
@@ -283,6 +289,8 @@ class Transformer(nn.Module):
         h = self.norm(h)
         if target_index is None:
             return h
+        if log_sum_sq_probs:
+            return self.lm_head(h.flatten(0, 1)[target_index], target_ids, log_sum_sq_probs=True)
         return self.lm_head(h.flatten(0, 1)[target_index], target_ids)
 
     def logits(self, hidden: Tensor) -> Tensor:

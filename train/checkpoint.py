@@ -1,7 +1,8 @@
 """Training checkpoints with torch.distributed.checkpoint (DCP), written atomically.
 
 A checkpoint is a folder `output_dir/step_00000100/` holding
-- the DCP files of `{"model": ..., "optim": ...}` (sharded; each rank writes its shards),
+- the DCP files of `{"model": ..., "optim": ...}` (sharded; each rank writes its shards), and
+  `"reference"` for a reference that changes during training (TR-DPO's synced live one),
 - `train_state.json`: step, loader position, loss state, counters (rank 0),
 - `rng_rank{r}.safetensors`: each rank's torch RNG state,
 - `config.toml`: the resolved config of the run.
@@ -74,9 +75,11 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
 
 def save_checkpoint(output_dir: Path, step: int, model: nn.Module,
                     optimizer: torch.optim.Optimizer, train_state: dict[str, Any],
-                    config_toml: str, keep_last: int, env: Distributed) -> Path:
+                    config_toml: str, keep_last: int, env: Distributed,
+                    reference: nn.Module | None = None) -> Path:
     """Collective: every rank calls it. Raises ValueError (on every rank) if any rank failed,
-    after removing the partial folder; earlier checkpoints are untouched."""
+    after removing the partial folder; earlier checkpoints are untouched. `reference`: a
+    reference model whose weights change during training, saved with the model."""
     final = output_dir / checkpoint_name(step)
     tmp = output_dir / f".{final.name}.tmp"
     rank = env.rank
@@ -88,6 +91,8 @@ def save_checkpoint(output_dir: Path, step: int, model: nn.Module,
         _barrier()
         state = {"model": get_model_state_dict(model),
                  "optim": get_optimizer_state_dict(model, optimizer)}
+        if reference is not None:
+            state["reference"] = get_model_state_dict(reference)
         dcp.save(state, checkpoint_id=tmp)
         save_file(_rng_state(), tmp / f"rng_rank{rank}.safetensors")
         if rank == 0:
@@ -125,11 +130,14 @@ def prune(output_dir: Path, keep_last: int) -> None:
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    rank: int) -> dict[str, Any]:
-    """Restore model, optimizer and RNG in place; return the train state."""
+                    rank: int, reference: nn.Module | None = None) -> dict[str, Any]:
+    """Restore model, optimizer, RNG (and `reference`, when given) in place; return the train
+    state."""
     check_metadata(path)
     state = {"model": get_model_state_dict(model),
              "optim": get_optimizer_state_dict(model, optimizer)}
+    if reference is not None:
+        state["reference"] = get_model_state_dict(reference)
     try:
         dcp.load(state, checkpoint_id=path, planner=_WeightsOnlyLoadPlanner())
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - does not fit this run
@@ -141,6 +149,8 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
             "checkpoint.resume = false") from None
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optim"])
+    if reference is not None:
+        set_model_state_dict(reference, state["reference"])
     rng_file = path / f"rng_rank{rank}.safetensors"
     if rng_file.is_file():
         rng = load_file(rng_file)

@@ -52,12 +52,24 @@ class ReferenceSection:
     # live: a frozen copy of the initial model runs beside the policy
     # none: reference-free losses only (simpo, sft)
     # adapters_off: the policy itself with its LoRA adapters disabled (needs lora.rank > 0)
-    # auto: adapters_off with LoRA, else precomputed (resolved when the config is built)
+    # auto: adapters_off with LoRA, else precomputed, or live with sync_ref_model (resolved
+    # when the config is built)
     mode: str = "auto"
     cache_dir: str = ""       # "" = ~/.cache/prefixdpo/reference
+    # TR-DPO (TRL's names): every ref_model_sync_steps steps the live reference becomes
+    # ref_model_mixup_alpha * policy + (1 - ref_model_mixup_alpha) * reference
+    sync_ref_model: bool = False
+    ref_model_mixup_alpha: float = 0.6
+    ref_model_sync_steps: int = 512
 
     def __post_init__(self) -> None:
         _check_choice("reference.mode", self.mode, REFERENCE_MODES)
+        if not 0 <= self.ref_model_mixup_alpha <= 1:
+            raise ValueError(f"reference.ref_model_mixup_alpha = {self.ref_model_mixup_alpha}; "
+                             "expected a number in [0, 1]")
+        if self.ref_model_sync_steps < 1:
+            raise ValueError(f"reference.ref_model_sync_steps = {self.ref_model_sync_steps}; "
+                             "expected an integer >= 1")
 
 
 @dataclass(frozen=True)
@@ -166,8 +178,18 @@ class Config:
         if not self.data.path.strip():
             raise ValueError("data.path is required: a preference data file or hub dataset id")
         if self.reference.mode == "auto":
-            mode = "adapters_off" if self.lora.rank else "precomputed"
+            mode = "adapters_off" if self.lora.rank else \
+                "live" if self.reference.sync_ref_model else "precomputed"
             object.__setattr__(self, "reference", dataclasses.replace(self.reference, mode=mode))
+        if self.reference.sync_ref_model and self.reference.mode != "live":
+            raise ValueError(f"reference.sync_ref_model updates the reference during training, "
+                             f"which needs reference.mode = 'live', not "
+                             f"{self.reference.mode!r} (as TRL refuses it with precomputed "
+                             "reference log-probs and with PEFT)")
+        if self.reference.sync_ref_model and self.lora.rank:
+            raise ValueError("reference.sync_ref_model needs full fine-tuning: with LoRA the "
+                             "policy's adapters have no counterpart in the reference (TRL "
+                             "refuses it with PEFT too)")
         if self.reference.mode == "adapters_off" and not self.lora.rank:
             raise ValueError("reference.mode = 'adapters_off' needs LoRA adapters: set "
                              "lora.rank > 0, or choose another reference mode")

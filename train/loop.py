@@ -33,7 +33,7 @@ from prefixdpo.data.dataset import chat_template_override
 from prefixdpo.train.build import ModelSource, load_run_data, tokenizer_for
 from prefixdpo.train.checkpoint import (IncompleteCheckpoint, list_checkpoints, load_checkpoint,
                               save_checkpoint)
-from prefixdpo.train.config import Config, to_toml
+from prefixdpo.train.config import Config, ReferenceSection, to_toml
 from prefixdpo.train.distributed import Distributed, broadcast_text, setup, teardown
 from prefixdpo.train.forward import pair_losses
 from prefixdpo.train.losses import LossConfig, LossState
@@ -121,7 +121,7 @@ def train_step(model: torch.nn.Module, batches: StepBatches, *, reference: Refer
     sums = torch.cat([sums, torch.full((1,), float(stop), dtype=sums.dtype, device=device)])
     if env.world_size > 1:
         torch.distributed.all_reduce(sums)
-        if "bco_pair" in loss_config.type:
+        if "bco_pair" in loss_config.type and loss_config.bco_running_mean:
             loss_state = _average_over_ranks(loss_state, device)
     grad_norm = _clip_grad_norm(model, max_grad_norm, device)
     *totals, stops, grad_norm = torch.cat([sums, grad_norm.reshape(1).double()]).tolist()
@@ -308,9 +308,11 @@ def _train(config: Config, env: Distributed) -> Path:
                                    pad_multiple=row_multiple(attention)) if data.eval else None
 
     state = TrainState()
+    # TR-DPO's reference changes during training: it is saved and restored with the policy.
+    synced = reference.model if config.reference.sync_ref_model else None
     checkpoints = list_checkpoints(output_dir) if config.checkpoint.resume else []
     if checkpoints:
-        saved, resumed_from = _load_latest(checkpoints, model, optimizer, env.rank, log)
+        saved, resumed_from = _load_latest(checkpoints, model, optimizer, env.rank, log, synced)
         state = TrainState.from_state_dict(saved["train"])
         loader.load_state_dict(saved["loader"])
         log(f"resumed from {resumed_from} (step {state.step})")
@@ -319,7 +321,7 @@ def _train(config: Config, env: Distributed) -> Path:
         return save_checkpoint(
             output_dir, state.step, model, optimizer,
             {"train": state.state_dict(), "loader": loader.state_dict()}, config_toml,
-            config.checkpoint.keep_last, env)
+            config.checkpoint.keep_last, env, reference=synced)
 
     def run_eval() -> None:
         if eval_loader is not None:
@@ -368,6 +370,7 @@ def _train(config: Config, env: Distributed) -> Path:
                     f"({state.skipped_steps} so far)")
             state.loss_state = loss_state
             state.step += 1
+            sync_reference(reference, model, state.step, config.reference)
             state.pairs_seen += result.num_pairs
             state.tokens_seen += result.num_tokens
             flops = sum(forward_flops(b, source.config) for b in batches) * (
@@ -415,14 +418,26 @@ def _train(config: Config, env: Distributed) -> Path:
     return output_dir
 
 
+def sync_reference(reference: Reference, model: torch.nn.Module, step: int,
+                   section: ReferenceSection) -> bool:
+    """TR-DPO (`reference.sync_ref_model`), as TRL's `SyncRefModelCallback` does at the end
+    of a step: after every `ref_model_sync_steps`-th optimizer step (`step` = steps done), the
+    live reference becomes alpha * policy + (1 - alpha) * reference. Whether it synced."""
+    if not section.sync_ref_model or step % section.ref_model_sync_steps:
+        return False
+    reference.sync(model, section.ref_model_mixup_alpha)
+    return True
+
+
 def _load_latest(checkpoints: list[Path], model: torch.nn.Module,
-                 optimizer: torch.optim.Optimizer, rank: int, log) -> tuple[dict, Path]:
+                 optimizer: torch.optim.Optimizer, rank: int, log,
+                 reference: torch.nn.Module | None = None) -> tuple[dict, Path]:
     """Restore the newest complete checkpoint: one whose data files are partly gone is
     passed over, with a line saying which and why. Every rank sees the same failures (DCP
     gathers them), so all ranks pick the same checkpoint."""
     for i, path in enumerate(reversed(checkpoints)):
         try:
-            return load_checkpoint(path, model, optimizer, rank), path
+            return load_checkpoint(path, model, optimizer, rank, reference), path
         except IncompleteCheckpoint as e:
             older = checkpoints[-2 - i] if i + 1 < len(checkpoints) else None
             if older is None:
@@ -445,9 +460,13 @@ def _reference(config: Config, source: ModelSource, model: torch.nn.Module, data
         # A second copy of the initial weights, built as the policy was (sharded on the meta
         # device, then only this rank's shards read or drawn) and stored in the compute
         # dtype. Without a backward, each unit's weights are freed right after its forward.
-        dtype = torch.bfloat16 if env.device.type == "cuda" else torch.float32
+        # A synced reference (TR-DPO) keeps float32 weights, as the policy does, so that the
+        # repeated mixing is not rounded to bfloat16 each time.
+        cuda = env.device.type == "cuda"
+        synced = config.reference.sync_ref_model
+        dtype = torch.bfloat16 if cuda and not synced else torch.float32
         frozen = source.build(env.device, dtype, shard=lambda meta_model: parallelize(
-            freeze(meta_model), env.mesh, mixed_precision=False,
+            freeze(meta_model), env.mesh, mixed_precision=cuda and synced,
             compile=config.train.compile and env.device.type == "cuda",
             reshard_after_forward=True))
         if attention == "flex":
@@ -462,6 +481,7 @@ def _reference(config: Config, source: ModelSource, model: torch.nn.Module, data
                           cache_dir) if env.is_main else "", env.device)
     dtype = "bfloat16" if env.device.type == "cuda" else "float32"
     tables = []
+    ld = config.loss.uses_ld  # LD-DPO also needs the pairs' shared-prefix sums
     for name, examples in (("train", data.train), ("eval", data.eval)):
         if not examples:
             tables.append(no_reference)
@@ -471,8 +491,9 @@ def _reference(config: Config, source: ModelSource, model: torch.nn.Module, data
             run_dir=Path(config.train.output_dir), cache_dir=cache_dir, name=name,
             micro_batch_size=config.train.micro_batch_size,
             packing_length=data.fit.packing_length or "auto", device=env.device,
-            attention=attention, rank=env.rank, world_size=env.world_size, log=log)
-        tables.append(TableReference(table))
+            attention=attention, rank=env.rank, world_size=env.world_size, log=log,
+            shared_prefix=ld)
+        tables.append(TableReference(*table) if ld else TableReference(table))
     return tables[0], tables[1]
 
 

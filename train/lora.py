@@ -44,7 +44,7 @@ from prefixdpo.data.layout import Batch
 from prefixdpo.model.hf_checkpoint import copy_tokenizer_files, local_rows, ours_to_hf
 from prefixdpo.model.masks import LayerMasks
 from prefixdpo.train.config import LoraSection
-from prefixdpo.train.forward import batch_sequence_log_probs
+from prefixdpo.train.forward import sequence_and_prefix_log_probs
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -177,9 +177,11 @@ class AdaptersOffReference:
         self.model = model
 
     @torch.no_grad()
-    def __call__(self, batch: Batch, masks: LayerMasks) -> Tensor:
+    def __call__(self, batch: Batch, masks: LayerMasks, shared_prefix: bool = False
+                 ) -> Tensor | tuple[Tensor, Tensor]:
+        """Sums `[S]`; with `shared_prefix` (LD-DPO) also the pairs' shared-prefix sums."""
         with adapters_disabled(self.model):
-            return batch_sequence_log_probs(self.model, batch, masks)[0]
+            return sequence_and_prefix_log_probs(self.model, batch, masks, shared_prefix)
 
 
 def split_state_dict(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:

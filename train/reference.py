@@ -13,6 +13,14 @@ instead of running a second model. The table is keyed by what determines it:
   is never reused from the shared cache.
 It is looked up in the run's own folder first (so a resumed run never depends on the shared
 cache), then in the shared cache, and computed only when neither has it.
+
+LD-DPO (`loss.ld_alpha` < 1) also needs, per pair, each side's sum over its first
+min(n_chosen, n_rejected) tokens (`shared`, `[num_pairs, 2]`, in the dataset's pair
+numbering). It does not depend on ld_alpha, so it is stored beside the sums in the same file
+under the same key; a table without it is computed again when a run needs it.
+
+A live reference with `reference.sync_ref_model` (TR-DPO) is moved towards the policy every
+`ref_model_sync_steps` steps (`LiveReference.sync`).
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ from prefixdpo.data.example import Example, fingerprint
 from prefixdpo.data.layout import Batch, Numbering
 from prefixdpo.data.loader import fit_examples
 from prefixdpo.model.masks import LayerMasks
-from prefixdpo.train.forward import Reference, batch_sequence_log_probs
+from prefixdpo.train.forward import Reference, sequence_and_prefix_log_probs
 from prefixdpo.train.parallelize import reshard
 from prefixdpo.model.hf_checkpoint import checkpoint_files
 from prefixdpo.train.distributed import all_reduce_sum
@@ -95,8 +103,10 @@ def cache_key(model_id: str, examples: Sequence[Example], dtype: str,
     return hashlib.sha256(text.encode()).hexdigest()[:40]
 
 
-def read_table(path: Path, key: str, num_sequences: int) -> torch.Tensor | None:
-    """The cached table when `path` holds the one for `key`, else None."""
+def read_table(path: Path, key: str, num_sequences: int, num_pairs: int | None = None
+               ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None:
+    """The cached table when `path` holds the one for `key`, else None. With `num_pairs`,
+    `(table, shared)`, and None when the file has no LD-DPO `shared` table of that size."""
     if not path.is_file():
         return None
     try:
@@ -104,30 +114,44 @@ def read_table(path: Path, key: str, num_sequences: int) -> torch.Tensor | None:
             if (f.metadata() or {}).get("key") != key:
                 return None
             table = f.get_tensor("logps")
+            shared = None
+            if num_pairs is not None:
+                if "shared" not in f.keys():
+                    return None
+                shared = f.get_tensor("shared")
     except Exception:  # noqa: BLE001 - an unreadable cache entry is recomputed, not fatal
         return None
-    return table if table.shape == (num_sequences,) else None
+    if table.shape != (num_sequences,):
+        return None
+    if num_pairs is None:
+        return table
+    return (table, shared) if shared.shape == (num_pairs, 2) else None
 
 
-def write_table(path: Path, key: str, table: torch.Tensor) -> None:
+def write_table(path: Path, key: str, table: torch.Tensor,
+                shared: torch.Tensor | None = None) -> None:
     """Atomic: written beside, then renamed; a failed write leaves no partial file and raises
     OSError (safetensors' own error type included)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tensors = {"logps": table.detach().cpu().contiguous()}
+    if shared is not None:
+        tensors["shared"] = shared.detach().cpu().contiguous()
     try:
-        save_file({"logps": table.detach().cpu().contiguous()}, tmp, metadata={"key": key})
+        save_file(tensors, tmp, metadata={"key": key})
         os.replace(tmp, path)
     except (OSError, SafetensorError) as e:
         tmp.unlink(missing_ok=True)
         raise OSError(error_code(e), reason(e)) from None
 
 
-def _write_copies(paths: Sequence[Path], key: str, table: torch.Tensor, log) -> None:
+def _write_copies(paths: Sequence[Path], key: str, table: torch.Tensor, log,
+                  shared: torch.Tensor | None = None) -> None:
     """Write the table to each path; a failure is one warning line, not fatal: the table is
     only a time saving and is recomputed next time."""
     for path in paths:
         try:
-            write_table(path, key, table)
+            write_table(path, key, table, shared)
         except OSError as e:
             log(f"warning: could not write {path} ({e.strerror or e}); the reference "
                 "log-probs will be recomputed next time")
@@ -136,8 +160,11 @@ def _write_copies(paths: Sequence[Path], key: str, table: torch.Tensor, log) -> 
 def reference_log_probs(model: torch.nn.Module, examples: Sequence[Example], *, key: str,
                         run_dir: Path, cache_dir: Path, name: str, micro_batch_size: int,
                         packing_length: int | str, device: torch.device, attention: str,
-                        rank: int, world_size: int, log=print) -> torch.Tensor:
-    """Float32 `[num_sequences]` reference log-probs of `examples` on `device`.
+                        rank: int, world_size: int, log=print, shared_prefix: bool = False
+                        ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Float32 `[num_sequences]` reference log-probs of `examples` on `device`; with
+    `shared_prefix` (LD-DPO), `(table, shared)` with `shared` the float32 `[num_pairs, 2]`
+    shared-prefix sums of each pair's chosen and rejected completions.
 
     Scored in the shared+packed layout with `micro_batch_size` rows of `packing_length` (pass
     the training's, so that compiled layers see one row shape in the whole run; "auto" when
@@ -146,42 +173,56 @@ def reference_log_probs(model: torch.nn.Module, examples: Sequence[Example], *, 
     `model` must hold the initial weights when the table has to be computed. Collective: the
     ranks agree on loading or computing (a cache on one node's local disk is not on another's),
     and when they compute, every rank scores its share. Rank 0 writes the files."""
-    num_sequences = Numbering(examples).num_sequences
+    numbering = Numbering(examples)
+    num_sequences = numbering.num_sequences
+    num_pairs = numbering.num_pairs if shared_prefix else None
     run_file = run_dir / RUN_FILE.format(suffix=f"_{name}")
     cache_file = cache_dir / f"{key}.safetensors"
-    table, source = None, None
+    found, source = None, None
     for candidate in (run_file, cache_file):
-        table = read_table(candidate, key, num_sequences)
-        if table is not None:
+        found = read_table(candidate, key, num_sequences, num_pairs)
+        if found is not None:
             source = candidate
             break
-    if all_reduce_sum([float(table is not None)], device)[0] == world_size:
+    table, shared = found if shared_prefix and found is not None else (found, None)
+    if all_reduce_sum([float(found is not None)], device)[0] == world_size:
         log(f"reference log-probs ({name}): loaded {source}")
         if rank == 0 and source != run_file:
-            _write_copies([run_file], key, table, log)
-        return table.to(device)
-    log(f"reference log-probs ({name}): computing {num_sequences} sequences "
+            _write_copies([run_file], key, table, log, shared)
+        return (table.to(device), shared.to(device)) if shared_prefix else table.to(device)
+    also = "and their pairs' shared prefixes " if shared_prefix else ""
+    log(f"reference log-probs ({name}): computing {num_sequences} sequences {also}"
         "(one no-grad pass, shared+packed layout)")
     fitted, report = fit_examples(examples, "shared+packed", packing_length, "error")
-    logps, _ = score_sequences(model, fitted, layout="shared+packed",
-                               packing_length=report.packing_length,
-                               micro_batch_size=micro_batch_size, device=device,
-                               attention=attention, rank=rank, world_size=world_size,
-                               progress=rank == 0)
-    table = logps.float()
+    scored = score_sequences(model, fitted, layout="shared+packed",
+                             packing_length=report.packing_length,
+                             micro_batch_size=micro_batch_size, device=device,
+                             attention=attention, rank=rank, world_size=world_size,
+                             progress=rank == 0, shared_prefix=shared_prefix)
+    table = scored[0].float()
+    shared = scored[2].float() if shared_prefix else None
     if rank == 0:
-        _write_copies([cache_file, run_file], key, table, log)
-    return table
+        _write_copies([cache_file, run_file], key, table, log, shared)
+    return (table, shared) if shared_prefix else table
 
 
 class TableReference:
-    """Reference log-probs looked up by dataset-wide sequence number."""
+    """Reference log-probs looked up by dataset-wide sequence number (and, for LD-DPO, the
+    shared-prefix sums by dataset-wide pair number)."""
 
-    def __init__(self, table: torch.Tensor):
+    def __init__(self, table: torch.Tensor, shared: torch.Tensor | None = None):
         self.table = table
+        self.shared = shared
 
-    def __call__(self, batch: Batch, masks: LayerMasks) -> torch.Tensor:
-        return self.table[batch.sequence_ids]
+    def __call__(self, batch: Batch, masks: LayerMasks, shared_prefix: bool = False
+                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        sums = self.table[batch.sequence_ids]
+        if not shared_prefix:
+            return sums
+        if self.shared is None:
+            raise ValueError("this reference table has no shared-prefix sums (LD-DPO); "
+                             "compute it with shared_prefix=True")
+        return sums, self.shared[batch.pair_ids]
 
 
 class LiveReference:
@@ -191,12 +232,34 @@ class LiveReference:
         self.model = model
 
     @torch.no_grad()
-    def __call__(self, batch: Batch, masks: LayerMasks) -> torch.Tensor:
-        logps = batch_sequence_log_probs(self.model, batch, masks)[0]
+    def __call__(self, batch: Batch, masks: LayerMasks, shared_prefix: bool = False
+                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        logps = sequence_and_prefix_log_probs(self.model, batch, masks, shared_prefix)
         reshard(self.model)  # no backward will free the gathered root parameters
         return logps
 
+    @torch.no_grad()
+    def sync(self, policy: torch.nn.Module, alpha: float) -> None:
+        """TR-DPO (TRL's `SyncRefModelCallback`): every reference weight becomes
+        alpha * policy + (1 - alpha) * reference. Both models are sharded the same way, so
+        each rank mixes its own shards; a policy weight is rounded to the reference's dtype
+        (bfloat16 on CUDA) first."""
+        ours = dict(self.model.named_parameters())
+        theirs = dict(policy.named_parameters())
+        if ours.keys() != theirs.keys():
+            raise ValueError("reference.sync_ref_model needs a reference with the policy's "
+                             "parameters (no LoRA)")
+        for name, target in ours.items():
+            target_local, source_local = _local(target), _local(theirs[name])
+            target_local.mul_(1.0 - alpha).add_(source_local.to(target_local.dtype),
+                                                alpha=alpha)
 
-def no_reference(batch: Batch, masks: LayerMasks) -> None:
+
+def _local(param: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a parameter (the whole tensor when it is not distributed)."""
+    return param.to_local() if hasattr(param, "to_local") else param
+
+
+def no_reference(batch: Batch, masks: LayerMasks, shared_prefix: bool = False) -> None:
     """Reference-free losses (simpo, sft)."""
     return None

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from prefixdpo.kernels.log_probs import (DEFAULT_CHUNK_SIZE, linear_log_probs, linear_logit_stats,
-                     reference_linear_log_probs)
+                     reference_linear_log_probs, reference_log_sum_sq_probs)
 import prefixdpo.kernels.log_probs as log_probs_module
 from prefixdpo.kernels.log_probs import _LinearLogProbs
 
@@ -446,6 +446,41 @@ def test_inside_an_fsdp2_module_with_tied_embeddings(tmp_path):
         dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("chunk_size", [1, 8, 64])
+def test_log_sum_sq_probs_from_the_same_pass(chunk_size):
+    """WPO's per-token log(sum_v p_v^2), returned beside the log-probs: equal to the oracle's
+    log((softmax ** 2).sum()), 0 where ignored, without gradient; the log-probs and their
+    gradients are those of the plain call."""
+    hidden, weight, targets = make_inputs(37, 53, 19)
+    log_probs, log_sum_sq = linear_log_probs(hidden, weight, targets, chunk_size=chunk_size,
+                                             log_sum_sq_probs=True)
+    assert log_sum_sq.dtype == torch.float32 and not log_sum_sq.requires_grad
+    torch.testing.assert_close(log_sum_sq, reference_log_sum_sq_probs(hidden, weight, targets),
+                               rtol=1e-5, atol=1e-6)
+    assert torch.all(log_sum_sq[targets == IGNORE] == 0)
+    # log sum p^2 <= max log p <= 0, and >= -log V (uniform)
+    kept = log_sum_sq[targets != IGNORE]
+    assert torch.all(kept <= 0) and torch.all(kept >= -math.log(53) - 1e-5)
+    grad_out = torch.randn(37, generator=torch.Generator().manual_seed(1))
+    ours = torch.autograd.grad(log_probs, (hidden, weight), grad_out)
+    plain = torch.autograd.grad(linear_log_probs(hidden, weight, targets, chunk_size=chunk_size),
+                                (hidden, weight), grad_out)
+    for a, b in zip(ours, plain):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_log_sum_sq_probs_stays_finite_for_large_logits():
+    """Logits of 1e4: exp(2 z) overflows float32, log(sum p^2) is computed from z - lse.
+    Logits 10000, 0 and 9999: p = (1, 0, e^-1) / (1 + e^-1)."""
+    hidden = torch.tensor([[100.0, 0.0]])
+    weight = torch.tensor([[100.0, 0.0], [0.0, 1.0], [99.99, 0.0]])
+    _, log_sum_sq = linear_log_probs(hidden, weight, torch.tensor([0]), log_sum_sq_probs=True)
+    z = (hidden @ weight.t()).double()[0]
+    p = (z - z.max()).exp() / (z - z.max()).exp().sum()
+    torch.testing.assert_close(log_sum_sq.double(), p.pow(2).sum().log()[None], rtol=1e-5,
+                               atol=1e-5)
+
+
 @pytest.mark.slow
 def test_compiled_chunk_path_on_cpu():
     """The CUDA executor's compiled per-chunk functions, run by inductor on CPU: padded last
@@ -464,6 +499,10 @@ def test_compiled_chunk_path_on_cpu():
                                    grad_out[:n])
             for a, b in zip(ours, ref):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+            _, log_sum_sq = _LinearLogProbs.apply(h, weight, targets[:n], IGNORE, 16, True,
+                                                  True)
+            torch.testing.assert_close(log_sum_sq, reference_log_sum_sq_probs(
+                h, weight, targets[:n]), rtol=1e-5, atol=1e-6)
 
 
 def _cuda_or_skip():

@@ -260,19 +260,39 @@ def test_forward_and_backward_do_not_sync(as_on_cuda, config_name, layout, refer
     assert all(p.grad is not None for p in model.parameters())
 
 
-@pytest.mark.parametrize("loss_type", ["ipo", "bco_pair", "aot", "simpo", "sft"])
+@pytest.mark.parametrize("loss_type", ["ipo", "bco_pair", "aot", "simpo", "sft",
+                                       "sigmoid_norm"])
 def test_losses_do_not_sync(as_on_cuda, loss_type):
     """Length-normalized (token counts from the batch), batch-statistic and reference-free
     losses, with the NLL term."""
     model, loader, table = _setup("llama", "shared+packed")
     batch = next(iter(loader))[0]
     state = LossState()
+    config = LossConfig(type=loss_type, rpo_alpha=0.5, bco_running_mean=True)
     with watch_syncs():
         for _ in range(2):  # bco_pair: a second call reads the state the first one left
-            losses, _, state = pair_losses(model, batch, TableReference(table),
-                                           LossConfig(type=loss_type, rpo_alpha=0.5), state,
+            losses, _, state = pair_losses(model, batch, TableReference(table), config, state,
                                            attention="dense")
             losses.sum().backward()
+
+
+@pytest.mark.parametrize("reference_kind", ["table", "live"])
+def test_ld_alpha_weighting_and_f_divergence_do_not_sync(as_on_cuda, reference_kind):
+    """LD-DPO's shared prefixes (a sort and a running sum on the device), WPO's token
+    statistics from the head, an f-divergence; ranked groups (a sequence in several pairs)."""
+    model, loader, table = _setup("llama", "shared+packed")
+    shared = -5.0 * torch.rand(loader.numbering.num_pairs, 2,
+                               generator=torch.Generator().manual_seed(1))
+    reference = TableReference(table, shared) if reference_kind == "table" else \
+        _reference("live", model, table)
+    batch = next(iter(loader))[0]
+    config = LossConfig(type=("sigmoid", "sft"), ld_alpha=0.5, use_weighting=True,
+                        f_divergence_type="js_divergence", rpo_alpha=0.5)
+    with watch_syncs():
+        losses, _, _ = pair_losses(model, batch, reference, config, LossState(),
+                                   attention="dense")
+        losses.sum().backward()
+    assert torch.isfinite(losses).all()
 
 
 def test_a_train_step_reads_the_device_once(as_on_cuda):

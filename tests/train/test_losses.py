@@ -1,4 +1,5 @@
-"""The DPO loss family against hand-derived values.
+"""The DPO loss family against hand-derived values (tests/train/test_trl_parity.py checks it
+against TRL's own code).
 
 Every expected number is computed with plain Python `math` from the formula in the test's
 docstring, on these hand-picked pairs (log-probs are sums over tokens):
@@ -124,14 +125,25 @@ def test_sppo_hard():
     assert_losses(LossConfig(type=("sppo_hard",), beta=0.5), [0.0, 17.0])
 
 
-def test_bco_pair_running_mean_is_explicit_state():
-    """BCO: -log sigmoid(beta a - delta) - log sigmoid(-(beta b - delta)), delta the running
-    mean of per-call mean rewards, this call included. beta = 0.5: rewards beta a = [0.5, 0],
-    beta b = [-0.5, 1.5], call mean m1 = 1.5 / 4 = 0.375 = delta_1. A second call on the same
-    pairs with every log-prob + 1 for the policy: beta a = [1, 0.5], beta b = [0, 2],
-    m2 = 3.5 / 4 = 0.875, delta_2 = (0.375 + 0.875) / 2 = 0.625."""
+def test_bco_pair_is_trl_1_16s_without_a_shift():
+    """BCO (TRL 1.16): -log sigmoid(beta a) - log sigmoid(-beta b); the state is untouched."""
     beta = 0.5
-    config = LossConfig(type=("bco_pair",), beta=beta)
+    state = LossState(torch.tensor(3.0), 7)
+    losses, _, returned, _ = run(LossConfig(type=("bco_pair",), beta=beta), state=state)
+    assert losses.tolist() == pytest.approx(
+        [-log_sigmoid(beta * a) - log_sigmoid(-beta * b) for a, b in zip(A, B)], rel=1e-6)
+    assert returned is state
+
+
+def test_bco_pair_running_mean_is_explicit_state():
+    """BCO with `bco_running_mean` (TRL before 1.0): -log sigmoid(beta a - delta)
+    - log sigmoid(-(beta b - delta)), delta the running mean of per-call mean rewards, this
+    call included. beta = 0.5: rewards beta a = [0.5, 0], beta b = [-0.5, 1.5], call mean
+    m1 = 1.5 / 4 = 0.375 = delta_1. A second call on the same pairs with every log-prob + 1 for
+    the policy: beta a = [1, 0.5], beta b = [0, 2], m2 = 3.5 / 4 = 0.875,
+    delta_2 = (0.375 + 0.875) / 2 = 0.625."""
+    beta = 0.5
+    config = LossConfig(type=("bco_pair",), beta=beta, bco_running_mean=True)
 
     def expected(shift, delta):
         return [-log_sigmoid(beta * (a + shift) - delta) - log_sigmoid(-(beta * (b + shift)
@@ -182,11 +194,83 @@ def test_aot_sorts_margins_across_the_batch():
     assert_losses(LossConfig(type=("aot",), beta=beta, label_smoothing=eps), expected)
 
 
-def test_aot_pair():
-    """AOT (paired): delta = sort(a) - sort(b) = [0, 1] - [-1, 3] = [1, -2]."""
+def test_aot_unpaired():
+    """AOT (unpaired): delta = sort(a) - sort(b) = [0, 1] - [-1, 3] = [1, -2]."""
     beta = 0.5
-    assert_losses(LossConfig(type=("aot_pair",), beta=beta),
+    assert_losses(LossConfig(type=("aot_unpaired",), beta=beta),
                   [-log_sigmoid(beta * d) for d in (1.0, -2.0)])
+
+
+def test_aot_pair_is_a_deprecated_name_of_aot_unpaired(caplog):
+    """The old name still works, as TRL's `aot_unpaired`, with a one-line warning."""
+    with caplog.at_level("WARNING", logger="prefixdpo.train.losses"):
+        config = LossConfig(type=("sigmoid", "aot_pair"), beta=0.5)
+    assert config.type == ("sigmoid", "aot_unpaired")
+    [record] = caplog.records
+    message = record.getMessage()
+    assert "\n" not in message and "deprecated" in message and "'aot_unpaired'" in message
+
+
+def test_sigmoid_norm_uses_length_normalized_log_ratios():
+    """sigmoid_norm (TRL 1.16): -log sigmoid(beta (a / |y_w| - b / |y_l|)). Pair 0:
+    1/4 + 1/5 = 0.45; pair 1: 0/2 - 3/3 = -1. beta = 0.5."""
+    assert_losses(LossConfig(type=("sigmoid_norm",), beta=0.5),
+                  [-log_sigmoid(0.5 * 0.45), -log_sigmoid(0.5 * -1.0)])
+
+
+@pytest.mark.parametrize("kind,f", [
+    ("reverse_kl", lambda x: x),
+    ("forward_kl", lambda x: 1 - math.exp(-x)),
+    ("js_divergence", lambda x: math.log(2) + log_sigmoid(x)),
+    ("alpha_divergence", lambda x: (math.exp(-0.5 * x) - 1) / -0.5),
+])
+def test_f_divergence_scores_replace_the_log_ratios(kind, f):
+    """f-DPO: the scores f'(exp(a)), f'(exp(b)) replace a, b in sigmoid: -log sigmoid(beta
+    (f(a) - f(b))); alpha_divergence with alpha 0.5: (t^-0.5 - 1) / -0.5. beta = 0.5."""
+    beta = 0.5
+    assert_losses(LossConfig(beta=beta, f_divergence_type=kind),
+                  [-log_sigmoid(beta * (f(a) - f(b))) for a, b in zip(A, B)])
+
+
+def test_alpha_divergence_at_alpha_one_is_reverse_kl():
+    losses, *_ = run(LossConfig(f_divergence_type="alpha_divergence",
+                                f_alpha_divergence_coef=1.0))
+    assert losses.tolist() == pytest.approx([-log_sigmoid(0.1 * z) for z in Z], rel=1e-6)
+
+
+def test_use_weighting_multiplies_each_type_by_the_pair_weight():
+    """WPO: every loss type's per-pair term times the pair's weight; the rpo NLL is not
+    weighted. Weights [0.5, 2]; 1.0 sigmoid + 0.5 hinge, rpo 0.1, beta 0.25."""
+    beta, weights = 0.25, [0.5, 2.0]
+    config = LossConfig(type=("sigmoid", "hinge"), weights=(1.0, 0.5), beta=beta,
+                        rpo_alpha=0.1, use_weighting=True)
+    losses, *_ = preference_loss(config, torch.tensor(PI_W), torch.tensor(PI_L),
+                                 torch.tensor(REF_W), torch.tensor(REF_L), torch.tensor(NUM_W),
+                                 torch.tensor(NUM_L), pair_weights=torch.tensor(weights))
+    expected = [w * (-log_sigmoid(beta * z) + 0.5 * max(0.0, 1 - beta * z)) + 0.1 * -pw / n
+                for w, z, pw, n in zip(weights, Z, PI_W, NUM_W)]
+    assert losses.tolist() == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="needs pair_weights"):
+        run(config)
+
+
+def test_wpo_pair_weights():
+    """w(y) = exp(mean token (log p - log sum p^2)); the pair's weight is w(y_w) w(y_l)."""
+    from prefixdpo.train.losses import wpo_pair_weights
+
+    weights = wpo_pair_weights(torch.tensor([-2.0, 0.0]), torch.tensor([-3.0, 1.0]),
+                               torch.tensor([4, 2]), torch.tensor([3, 0]))
+    assert weights.tolist() == pytest.approx([math.exp(-0.5 - 1.0), math.exp(0.0 + 1.0)])
+
+
+def test_nll_uses_the_plain_chosen_log_probs_when_given():
+    """With LD-DPO the losses see LD-weighted sums, the NLL (sft, rpo) the plain ones."""
+    plain = torch.tensor([-20.0, -8.0])
+    losses, metrics, _ = preference_loss(
+        LossConfig(type=("sft",)), torch.tensor(PI_W), torch.tensor(PI_L), None, None,
+        torch.tensor(NUM_W), torch.tensor(NUM_L), policy_chosen_nll=plain)
+    assert losses.tolist() == [5.0, 4.0] and metrics["nll_loss"].tolist() == [5.0, 4.0]
+    assert metrics["logps/chosen"].tolist() == PI_W
 
 
 def test_discopop():
@@ -225,6 +309,12 @@ def test_sft_is_chosen_nll_per_token():
     config = LossConfig(type=("sft",))
     assert not config.needs_reference
     assert_losses(config, [2.5, 3.5], with_reference=False)
+    # With a reference the rewards are TRL's beta (pi - ref), without SimPO's.
+    _, metrics, _, _ = run(config, with_reference=True)
+    assert metrics["rewards/chosen"].tolist() == pytest.approx([0.1 * a for a in A])
+    _, metrics, _, _ = run(config, with_reference=False)
+    assert metrics["rewards/chosen"].tolist() == pytest.approx(
+        [0.1 * pw / n for pw, n in zip(PI_W, NUM_W)])
 
 
 def test_rpo_alpha_adds_chosen_nll():
@@ -339,6 +429,15 @@ def test_missing_reference_is_an_error():
     (dict(rpo_alpha=-1.0), "loss.rpo_alpha"),
     (dict(simpo_gamma=float("inf")), "loss.simpo_gamma"),
     (dict(beta="0.1"), "loss.beta"),
+    (dict(ld_alpha=1.5), "loss.ld_alpha = 1.5; expected a finite number >= 0.0 and <= 1.0"),
+    (dict(ld_alpha=-0.1), "loss.ld_alpha"),
+    (dict(f_divergence_type="kl"), "loss.f_divergence_type = 'kl'; expected one of"),
+    (dict(type=("sigmoid", "nca_pair"), f_divergence_type="forward_kl"),
+     "has no meaning for loss.type \\['nca_pair'\\]"),
+    (dict(type=("simpo",), f_divergence_type="js_divergence"), "loss.type \\['simpo'\\]"),
+    (dict(type=("aot",), use_weighting=True), "cannot weigh \\['aot'\\]"),
+    (dict(type=("aot_pair",), use_weighting=True), "cannot weigh \\['aot_unpaired'\\]"),
+    (dict(f_alpha_divergence_coef=float("inf")), "loss.f_alpha_divergence_coef"),
 ])
 def test_config_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -365,10 +464,14 @@ def test_non_finite_inputs_are_reported(field, value, message):
 
 
 def test_zero_length_completion_is_reported_by_length_normalized_losses():
+    """SimPO divides by the length as is; IPO and sigmoid_norm clamp it at 1, as TRL does."""
     with pytest.raises(ValueError, match="non-finite loss at pair 0.*zero tokens"):
-        preference_loss(LossConfig(type=("ipo",)), torch.tensor([0.0]), torch.tensor([-1.0]),
-                        torch.tensor([0.0]), torch.tensor([-1.0]), torch.tensor([0]),
-                        torch.tensor([1]))
+        preference_loss(LossConfig(type=("simpo",)), torch.tensor([-1.0]),
+                        torch.tensor([-1.0]), None, None, torch.tensor([0]), torch.tensor([1]))
+    losses, *_ = preference_loss(LossConfig(type=("ipo",)), torch.tensor([0.0]),
+                                 torch.tensor([-1.0]), torch.tensor([0.0]),
+                                 torch.tensor([-1.0]), torch.tensor([0]), torch.tensor([1]))
+    assert losses.tolist() == pytest.approx([(0.0 - 0.0 - 5.0) ** 2])
 
 
 def test_check_finite_helper_for_the_trainer():

@@ -150,3 +150,31 @@ def test_resuming_another_models_checkpoint_is_refused(env, tmp_path):
                         mixed_precision=False)
     with pytest.raises(ValueError, match="cannot resume from this checkpoint.*train.output_dir"):
         load_checkpoint(saved, wider, build_optimizer(wider, OptimSection(), env.device), 0)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_synced_reference_mixes_the_sharded_weights(env, tied):
+    """TR-DPO's sync on FSDP2 models (each rank mixes its shards): after a forward of each
+    (the live reference gathers and reshards), every reference weight becomes
+    alpha * policy + (1 - alpha) * reference, and the reference's log-probs follow."""
+    from prefixdpo.train.reference import LiveReference
+
+    config = tiny_config(tie_word_embeddings=tied)
+    policy = parallelize(build_model(config, seed=0), env.mesh, mixed_precision=False)
+    frozen = parallelize(build_model(config, seed=1).requires_grad_(False), env.mesh,
+                         mixed_precision=False, reshard_after_forward=True)
+    live = LiveReference(frozen)
+    b = batch(config.vocab_size)
+    mask = attention_masks(b, config, attention="dense")
+    live(b, mask)
+    full = {name: p.full_tensor().clone() for name, p in frozen.named_parameters()}
+    target = {name: p.full_tensor().clone() for name, p in policy.named_parameters()}
+    live.sync(policy, 0.25)
+    for name, p in frozen.named_parameters():
+        assert type(p).__name__ == "DTensor", name
+        torch.testing.assert_close(p.full_tensor(), 0.25 * target[name] + 0.75 * full[name],
+                                   rtol=1e-6, atol=1e-7, msg=name)
+    live.sync(policy, 1.0)
+    with torch.no_grad():
+        torch.testing.assert_close(live(b, mask), batch_sequence_log_probs(policy, b, mask)[0])
+    reshard(policy)

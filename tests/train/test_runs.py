@@ -252,10 +252,12 @@ runpy.run_path({str(REPO / 'train.py')!r}, run_name="__main__")
 
 @pytest.mark.distributed
 def test_bco_pair_across_epochs_and_ranks(run_config, tmp_path):
-    """bco_pair keeps a running mean; epochs end with empty micro-batches and each rank sees
-    its own pairs: the loss stays finite over several epochs on two ranks."""
+    """bco_pair with bco_running_mean keeps a running mean; epochs end with empty
+    micro-batches and each rank sees its own pairs: the loss stays finite over several epochs
+    on two ranks."""
     out_dir = tmp_path / "run"
-    run(run_config, "--loss.type=bco_pair", "--train.grad_accum=3", "--train.steps=6",
+    run(run_config, "--loss.type=bco_pair", "--loss.bco_running_mean=true",
+        "--train.grad_accum=3", "--train.steps=6",
         "--checkpoint.every=0", "--checkpoint.export_hf=false", ranks=2)
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["epoch"] >= 2
@@ -305,3 +307,106 @@ def test_qwen3_and_gemma3_train_on_two_ranks_and_export(run_config, tmp_path, sh
     ids = torch.randint(0, 32000, (1, 96), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (causal_logits(ours, ids) - theirs(ids).logits).abs().max() < 1e-5
+
+
+# ---- TRL's options in whole runs: LD-DPO, WPO, TR-DPO -------------------------------------
+
+TRL_OPTIONS = {
+    "ld_alpha": ("--loss.ld_alpha=0.5",),
+    "use_weighting": ("--loss.use_weighting=true",),
+    "sync_ref_model": ("--reference.sync_ref_model=true", "--reference.ref_model_sync_steps=1",
+                       "--reference.ref_model_mixup_alpha=0.5"),
+}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("option", list(TRL_OPTIONS))
+def test_option_runs_on_one_and_two_ranks(run_config, tmp_path, option):
+    """A short DPO run with each option, on the documents executor: one process (2
+    micro-batches a step) and two gloo ranks (1 each) see the same steps and log the same
+    losses; step 1's is the loss as TRL defines it (ln 2 where the policy is the reference;
+    for WPO ln 2 times the mean pair weight, computed here from materialized logits); each run
+    finishes with its final checkpoint."""
+    common = ("--train.steps=3", "--checkpoint.every=0", "--checkpoint.export_hf=false",
+              "--train.attention=documents", *TRL_OPTIONS[option])
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(run_config, f"--train.output_dir={one}", "--train.grad_accum=2", *common)
+    run(run_config, f"--train.output_dir={two}", "--train.grad_accum=1", *common, ranks=2)
+    a, b = losses(one), losses(two)
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for step in a:
+        assert a[step] == pytest.approx(b[step], rel=1e-5, abs=1e-6), step
+    first = math.log(2) if option != "use_weighting" else wpo_first_loss(
+        run_config, "--train.grad_accum=2", *common)
+    assert a[1] == pytest.approx(first, rel=1e-5)
+    assert (one / "step_00000003").is_dir() and (two / "step_00000003").is_dir()
+
+
+def wpo_first_loss(config_path: Path, *overrides: str) -> float:
+    """WPO's step-1 loss of the run, as TRL defines it, independently of the trainer's head
+    and reduction: the step's pairs from the run's own loader, the initial model, and for each
+    completion alone w = exp(mean_t (log p_t - log sum_v p_v^2)) from its full logits; the
+    loss is the mean over pairs of ln 2 * w(chosen) * w(rejected)."""
+    import numpy as np
+    from conftest import causal_logits
+
+    from prefixdpo.data.layout import Numbering
+    from prefixdpo.data.loader import PreferenceLoader
+    from prefixdpo.model.transformer import build_model
+    from prefixdpo.train.build import ModelSource, load_run_data, tokenizer_for
+    from prefixdpo.train.config import load_config
+    from prefixdpo.train.scoring import row_multiple
+
+    config = load_config(config_path, list(overrides))
+    source = ModelSource.from_section(config.model)
+    data = load_run_data(config.data, tokenizer_for(config.data, source), config.train.seed,
+                         progress=False, max_positions=source.config.max_position_embeddings)
+    loader = PreferenceLoader(data.train, config.data.layout, config.train.micro_batch_size,
+                              config.train.grad_accum, seed=config.train.seed,
+                              packing_length=data.fit.packing_length,
+                              pad_multiple=row_multiple("documents"), prefetch=0)
+    iterator = iter(loader)
+    step = next(iterator)
+    iterator.close()
+    model = build_model(source.config, seed=source.seed)
+    numbering = Numbering(data.train)
+
+    def weight(prompt, completion) -> float:
+        ids = torch.tensor(np.concatenate([prompt, completion]), dtype=torch.long)[None]
+        with torch.no_grad():
+            logits = causal_logits(model, ids)[0, len(prompt) - 1:-1].double()
+        log_p = logits.log_softmax(-1).gather(-1, ids[0, len(prompt):, None]).squeeze(-1)
+        log_sum_sq = logits.softmax(-1).pow(2).sum(-1).log()
+        return math.exp((log_p - log_sum_sq).mean().item())
+
+    pair_losses = []
+    for batch in step:
+        for pair in batch.pair_ids.tolist():
+            example = data.train[int(np.searchsorted(numbering.pair_offsets, pair, "right")) - 1]
+            chosen, rejected = example.pairs[pair - int(numbering.pair_offsets[
+                data.train.index(example)])]
+            sides = []
+            for number in (chosen, rejected):
+                for group in example.groups:
+                    if number < len(group.completions):
+                        sides.append(weight(group.prompt, group.completions[number]))
+                        break
+                    number -= len(group.completions)
+            pair_losses.append(math.log(2) * sides[0] * sides[1])
+    return sum(pair_losses) / len(pair_losses)
+
+
+def test_sync_ref_model_resumes_exactly(run_config, tmp_path):
+    """TR-DPO's reference changes during training: it is saved with the checkpoint, so a run
+    stopped after step 2 and continued logs the losses of an uninterrupted one."""
+    common = ("--optim.schedule=constant", "--checkpoint.every=0",
+              "--checkpoint.export_hf=false", *TRL_OPTIONS["sync_ref_model"])
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    run(run_config, f"--train.output_dir={whole}", "--train.steps=4", *common)
+    run(run_config, f"--train.output_dir={resumed}", "--train.steps=2", *common)
+    out = run(run_config, f"--train.output_dir={resumed}", "--train.steps=4", *common)
+    assert "resumed from" in out and "(step 2)" in out
+    expected, got = losses(whole), losses(resumed)
+    assert sorted(got) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert got[step] == pytest.approx(expected[step], abs=1e-6), step

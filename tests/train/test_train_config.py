@@ -151,3 +151,36 @@ def test_adam_betas_range(tmp_path, override, message):
 def test_empty_required_paths_are_refused(tmp_path, override, message):
     with pytest.raises(ValueError, match=message):
         load_config(write(tmp_path), override)
+
+
+def test_trl_options_load_under_trls_names(tmp_path):
+    config = load_config(write(tmp_path), [
+        "--loss.type=sigmoid,aot_pair", "--loss.ld_alpha=0.5", "--loss.bco_running_mean=true",
+        "--loss.f_alpha_divergence_coef=0.3", "--reference.sync_ref_model=true",
+        "--reference.ref_model_sync_steps=64", "--reference.ref_model_mixup_alpha=0.9"])
+    assert config.loss.type == ("sigmoid", "aot_unpaired")  # the deprecated name, as TRL's
+    assert config.loss.ld_alpha == 0.5 and config.loss.bco_running_mean
+    assert config.loss.f_alpha_divergence_coef == 0.3
+    assert load_config(write(tmp_path), ["--loss.use_weighting=true"]).loss.use_weighting
+    # auto is the live reference with sync_ref_model (TR-DPO updates it)
+    assert config.reference.mode == "live" and config.reference.ref_model_sync_steps == 64
+    assert load_config(write(tmp_path), []).reference.mode == "precomputed"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--reference.sync_ref_model=true", "--reference.mode=precomputed"],
+     "reference.sync_ref_model updates the reference during training, which needs "
+     "reference.mode = 'live', not 'precomputed'"),
+    (["--reference.sync_ref_model=true", "--lora.rank=8"], "reference.mode = 'live', not "
+     "'adapters_off'"),
+    (["--reference.sync_ref_model=true", "--lora.rank=8", "--reference.mode=live"],
+     "needs full fine-tuning"),
+    (["--reference.ref_model_mixup_alpha=1.5"], "reference.ref_model_mixup_alpha = 1.5"),
+    (["--reference.ref_model_sync_steps=0"], "reference.ref_model_sync_steps = 0"),
+    (["--loss.f_divergence_type=forward_kl", "--loss.type=apo_zero"],
+     "has no meaning for loss.type"),
+])
+def test_trl_option_refusals_are_one_line(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message) as error:
+        load_config(write(tmp_path), overrides)
+    assert "\n" not in str(error.value)
