@@ -29,6 +29,7 @@ from prefixdpo.data.dataset import load_preference_data
 from prefixdpo.data.layout import Numbering
 from prefixdpo.data.loader import fit_examples
 from prefixdpo.data.tokenizer import load_tokenizer
+from prefixdpo.model.executor import AttentionExecutor
 from prefixdpo.model.hf_checkpoint import load_model, resolve_model_dir
 from prefixdpo.train.scoring import score_sequences
 
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = load_model(model_dir, dtype=dtype).eval()
     ours, _ = score_sequences(model, examples, layout="shared+packed",
                               packing_length=report.packing_length, micro_batch_size=2,
-                              device=torch.device("cpu"), attention="documents",
+                              device=torch.device("cpu"), executor=AttentionExecutor("documents"),
                               progress=False)
     ours_s = time.perf_counter() - started
     del model

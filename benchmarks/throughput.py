@@ -109,7 +109,9 @@ from prefixdpo.data.loader import (PreferenceLoader, StepBatches, example_length
 from prefixdpo.data.packing import auto_packing_length, round_up
 from prefixdpo.data.tokenizer import Tokenizer, load_tokenizer
 from prefixdpo.model.config import ModelConfig
-from prefixdpo.model.transformer import build_model, set_flex_backend
+from prefixdpo.model.masks import FLEX_BLOCK_SIZE
+from prefixdpo.model.executor import choose_executor
+from prefixdpo.model.transformer import build_model
 from prefixdpo.train.config import OptimSection
 from prefixdpo.train.distributed import Distributed, setup
 from prefixdpo.train.loop import train_step
@@ -118,7 +120,6 @@ from prefixdpo.train.metrics import forward_flops, peak_flops, peak_memory_gib
 from prefixdpo.train.optim import build_optimizer
 from prefixdpo.train.parallelize import freeze, parallelize
 from prefixdpo.train.reference import LiveReference, TableReference
-from prefixdpo.train.scoring import attention_executor, row_multiple
 
 LAYOUTS = ("paired", "paired+packed", "shared", "shared+packed")
 
@@ -346,7 +347,8 @@ def measure_layout(layout: str, examples: list[Example], config: ModelConfig,
                    args: argparse.Namespace, env: Distributed, packing_length: int) -> dict:
     device = env.device
     cuda = device.type == "cuda"
-    attention = attention_executor(args.attention, device)
+    executor = choose_executor(args.attention, device, flex_backend=args.flex_backend,
+                               block_size=args.block_size or FLEX_BLOCK_SIZE)
     if cuda:  # free the previous layout's memory before measuring this one's peak
         gc.collect()
         torch.cuda.empty_cache()
@@ -357,33 +359,28 @@ def measure_layout(layout: str, examples: list[Example], config: ModelConfig,
                         mixed_precision=cuda,
                         activation_checkpointing=args.activation_checkpointing,
                         compile=args.compile)
-    if attention == "flex":
-        set_flex_backend(model, args.flex_backend)
     num_sequences = Numbering(examples).num_sequences
     if args.reference == "live":
         frozen = build_model(config, device, torch.bfloat16 if cuda else torch.float32,
                              seed=args.seed)
         reference = LiveReference(parallelize(freeze(frozen), env.mesh, mixed_precision=False,
                                               compile=args.compile))
-        if attention == "flex":
-            set_flex_backend(reference.model, args.flex_backend)
     else:  # a precomputed table: its values do not change the cost, so no scoring pass
         generator = torch.Generator().manual_seed(args.seed)
         reference = TableReference(
             (-100.0 * torch.rand(num_sequences, generator=generator) - 1.0).to(device))
     optimizer = build_optimizer(model, OptimSection(lr=args.lr), device)
 
-    knobs = {"flex_block_size": args.block_size} if args.block_size else {}
 
     def step(batches: StepBatches):
         result, _ = train_step(model, batches, reference=reference, loss_config=LossConfig(),
                                loss_state=LossState(), optimizer=optimizer, max_grad_norm=1.0,
-                               env=env, attention=attention, **knobs)
+                               env=env, executor=executor)
         return result
 
     def loader(prefetch: int) -> TokenBudgetLoader:
         return TokenBudgetLoader(examples, layout, args.tokens_per_micro_batch, packing_length,
-                                 row_multiple(attention), args.grad_accum, args.seed, prefetch,
+                                 executor.row_multiple, args.grad_accum, args.seed, prefetch,
                                  pin_memory=cuda)
 
     timed_loader = loader(prefetch=2)

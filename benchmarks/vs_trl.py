@@ -575,12 +575,12 @@ def run_ours(spec: dict[str, Any], layout: str, channel: Channel) -> None:
     from prefixdpo.train.parallelize import parallelize, reshard
     from prefixdpo.train.reference import TableReference, cache_key, model_fingerprint, \
         reference_log_probs
-    from prefixdpo.train.scoring import attention_executor, row_multiple
+    from prefixdpo.model.executor import choose_executor
 
     env = setup(spec["device"])
     device = env.device
     cuda = device.type == "cuda"
-    attention = attention_executor("auto", device)
+    executor = choose_executor("auto", device)
     compiled = cuda and spec["compile"]
     B, k, W = spec["pairs_per_step"], spec["steps"], spec["warmup_steps"]
     tokenizer = load_tokenizer(spec["tokenizer"])
@@ -601,7 +601,7 @@ def run_ours(spec: dict[str, Any], layout: str, channel: Channel) -> None:
     table = reference_log_probs(
         model, examples, key=key, run_dir=Path(spec["workdir"]) / f"ours-{layout}",
         cache_dir=cache_dir, name="train", micro_batch_size=4, packing_length="auto",
-        device=device, attention=attention, rank=0, world_size=1, log=print)
+        device=device, executor=executor, rank=0, world_size=1, log=print)
     reference_s = time.perf_counter() - reference_started
     optim = OptimSection(lr=spec["lr"], weight_decay=0.0, betas=tuple(spec["betas"]),
                          eps=spec["eps"], schedule="constant", warmup_steps=0,
@@ -612,7 +612,7 @@ def run_ours(spec: dict[str, Any], layout: str, channel: Channel) -> None:
 
     steps_per_epoch = num_pairs // B
     batches = [step_batch(step_positions(s, num_pairs, B), examples, numbering, layout,
-                          spec["packing_length"], row_multiple(attention))
+                          spec["packing_length"], executor.row_multiple)
                for s in range(steps_per_epoch)]
     steps = [one_micro_batch(batch) for batch in batches]
 
@@ -620,7 +620,7 @@ def run_ours(spec: dict[str, Any], layout: str, channel: Channel) -> None:
     first = batches[0].to(device)
     with torch.no_grad():
         logps, _ = batch_sequence_log_probs(
-            model, first, attention_masks(first, config, attention))
+            model, first, attention_masks(first, config, executor))
     reshard(model)
     by_pair = {int(p): [float(logps[c]), float(logps[r])] for p, c, r in zip(
         first.pair_ids.tolist(), first.chosen_sequence.tolist(),
@@ -644,7 +644,7 @@ def run_ours(spec: dict[str, Any], layout: str, channel: Channel) -> None:
         result, loss_state = train_step(
             model, steps[s % steps_per_epoch], reference=reference, loss_config=loss_config,
             loss_state=loss_state, optimizer=optimizer, max_grad_norm=optim.max_grad_norm,
-            env=env, attention=attention)
+            env=env, executor=executor)
         synchronize(device)
         return result, time.perf_counter() - start, batch.input_ids.numel()
 
@@ -654,9 +654,9 @@ def run_ours(spec: dict[str, Any], layout: str, channel: Channel) -> None:
         "packing": (spec["packing_length"] if is_packed(layout) else "none")
         + (" (one row per step, its tokens rounded up)" if is_packed(layout)
            and spec["packing_length"] == "step" else ""),
-        "row_multiple": row_multiple(attention), "compiled_layers": compiled,
-        "attention": "FlexAttention" if attention == "flex" else
-        f"{attention} executor (scaled_dot_product_attention)",
+        "row_multiple": executor.row_multiple, "compiled_layers": compiled,
+        "attention": "FlexAttention" if executor.name == "flex" else
+        f"{executor.name} executor (scaled_dot_product_attention)",
         "mixed_precision": "bfloat16 compute, float32 parameters" if cuda else "none (float32)",
         "reference": "precomputed table (train.reference.reference_log_probs)",
         "optimizer": _optimizer_settings(optimizer), "loss": "sigmoid", "beta": spec["beta"],

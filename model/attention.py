@@ -7,15 +7,18 @@
   full, then itself causally), and scattered back. So the work is the pairs the mask allows
   rather than L^2 per row, and below the paired layout's. (Off the CPU, a further completion
   is one masked call.)
-- `flex_kernel_options` turns a FlexAttention backend name (`FLEX_BACKENDS`) into the
-  `kernel_options` that `flex_attention` takes, refusing with a ValueError what this torch or
-  this machine cannot run. "flash" is FlexAttention's FlashAttention-4 backend
+- `flex_kernel_options` turns a FlexAttention backend name (`FLEX_BACKENDS`) and a block size
+  into the `kernel_options` that `flex_attention` takes, refusing with a ValueError what this
+  torch or this machine cannot run. "flash" is FlexAttention's FlashAttention-4 backend
   (`kernel_options={"BACKEND": "FLASH"}`, CuTeDSL kernels for Hopper and Blackwell, needing
   the `flash_attn.cute` package of flash-attn-4); "triton" is its default Triton kernel.
+  Blocks smaller than the default also need kernel tiles no larger than them (`fit_flex_configs`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import importlib.util
 import math
 import typing
@@ -24,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from prefixdpo.model.masks import DocumentMask, SpanBucket
+from prefixdpo.model.masks import FLEX_BLOCK_SIZE, DocumentMask, SpanBucket
 
 FLEX_BACKENDS = ("triton", "flash")
 
@@ -164,16 +167,29 @@ def _torch_flex_backends() -> tuple[str, ...]:
     return typing.get_args(typing.get_type_hints(FlexKernelOptions).get("BACKEND"))
 
 
-def flex_kernel_options(backend: str) -> dict[str, str] | None:
-    """`kernel_options` for `flex_attention` that select `backend` (one of FLEX_BACKENDS);
-    a ValueError if it cannot run here. None: torch's own choice, on a torch without a
-    BACKEND option (where Triton is the only backend)."""
+def flex_kernel_options(backend: str, block_size: int = FLEX_BLOCK_SIZE
+                        ) -> dict[str, str | int] | None:
+    """`kernel_options` for `flex_attention` that select `backend` (one of FLEX_BACKENDS) for
+    BlockMasks of `block_size` blocks; a ValueError if it cannot run here. None: torch's own
+    choice, on a torch without a BACKEND option (where Triton is the only backend).
+
+    A block smaller than the default needs Triton tiles that divide it, forward and backward:
+    the default forward tile on Hopper is 128 x 128 (`Q and KV block size must be divisible by
+    BLOCK_M and BLOCK_N`). The backward tiles keep its kernel's constraints (BLOCK_N1 a
+    multiple of BLOCK_M1, BLOCK_M2 of BLOCK_N2)."""
     if backend not in FLEX_BACKENDS:
         raise ValueError(f"unknown FlexAttention backend {backend!r}; choose one of "
                          f"{FLEX_BACKENDS}")
+    options: dict[str, str | int] = {}
+    if block_size < FLEX_BLOCK_SIZE:
+        small = min(block_size, 64)
+        options.update(fwd_BLOCK_M=block_size, fwd_BLOCK_N=block_size, bwd_BLOCK_M1=small,
+                       bwd_BLOCK_N1=block_size, bwd_BLOCK_M2=block_size, bwd_BLOCK_N2=small)
     supported = _torch_flex_backends()
     if backend == "triton":
-        return {"BACKEND": "TRITON"} if "TRITON" in supported else None
+        if "TRITON" in supported:
+            options["BACKEND"] = "TRITON"
+        return options or None
     if "FLASH" not in supported:
         raise ValueError(f"FlexAttention backend 'flash' needs a torch whose flex_attention "
                          f"takes kernel_options BACKEND='FLASH'; torch {torch.__version__} "
@@ -189,4 +205,46 @@ def flex_kernel_options(backend: str) -> dict[str, str] | None:
             importlib.util.find_spec("flash_attn.cute") is None:
         raise ValueError("FlexAttention backend 'flash' needs FlashAttention-4's CuTeDSL "
                          "kernels (the flash_attn.cute module): pip install flash-attn-4")
+    if block_size != FLEX_BLOCK_SIZE:
+        raise ValueError(f"FlexAttention backend 'flash' takes blocks of {FLEX_BLOCK_SIZE} "
+                         f"tokens only, not {block_size}")
     return {"BACKEND": "FLASH"}
+
+
+@functools.cache
+def fit_flex_configs(block_size: int) -> bool:
+    """Make the Triton tile configs inductor offers FlexAttention no larger than `block_size`,
+    for this process; whether it could.
+
+    Inductor checks each candidate config's tiles against the BlockMask's block before the
+    kernel options replace them, and offers one config per direction (two with max-autotune
+    and more); Hopper's backward config at head_dim 64-128 has 128-token tiles, so a
+    64-token block has no candidate left and fails to compile, whatever the options say.
+    Capping every candidate's tiles at the block keeps the candidates (tiles are powers of
+    two, so the kernels' divisibility constraints still hold). Through the choices hook
+    inductor documents (`InductorChoices`), installed by `inductor_choices_class` so the
+    backward's compilation, which runs in autograd's own thread, sees it too."""
+    try:
+        from torch._inductor import config
+        from torch._inductor.choices import InductorChoices
+    except ImportError:
+        return False
+    if not hasattr(InductorChoices, "get_flex_attention_bwd_configs") or \
+            getattr(config, "inductor_choices_class", False) is not None:
+        return False  # an older inductor, or another owner of the hook
+
+    def capped(configs: list, fields: tuple[str, ...]) -> list:
+        return [dataclasses.replace(c, **{f: min(getattr(c, f), block_size) for f in fields})
+                for c in configs]
+
+    class FittedChoices(InductorChoices):
+        def get_flex_attention_fwd_configs(self, *args, **kwargs) -> list:
+            return capped(super().get_flex_attention_fwd_configs(*args, **kwargs),
+                          ("block_m", "block_n"))
+
+        def get_flex_attention_bwd_configs(self, *args, **kwargs) -> list:
+            return capped(super().get_flex_attention_bwd_configs(*args, **kwargs),
+                          ("block_m1", "block_n1", "block_m2", "block_n2"))
+
+    config.inductor_choices_class = FittedChoices
+    return True

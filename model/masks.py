@@ -2,10 +2,10 @@
 
 Every mask function has FlexAttention's `mask_mod` signature `(b, h, q_idx, kv_idx) -> bool`
 and reads the batch's per-token tensors by indexing, so the *same* functions serve every
-executor (`EXECUTORS`; `build_attention_mask` builds the mask in the form each one takes):
+executor (`model.executor` builds the mask in the form each one takes):
 
 - "flex" (CUDA): `create_block_mask` turns them into a sparse `BlockMask` for FlexAttention,
-  built once per step and shared by every layer (and by the reference model).
+  built once per micro-batch and shared by every layer (and by the reference model).
 - "dense": `dense_mask` evaluates them on broadcast index grids into a `[B, 1, L, L]` boolean
   tensor for `scaled_dot_product_attention` (FlexAttention has no backward on CPU). It pays
   L x L per row whatever the mask allows; it is the oracle the other executors are tested
@@ -22,24 +22,26 @@ The rule for a query q and key k in one row (see DESIGN section 2):
 Positions restart at the prompt length for every completion, so the window is measured in the
 original (unshared) sequence, exactly as the model would see prompt+completion alone. A model
 whose layers differ in window (Gemma 3, Qwen with `max_window_layers`) gets one mask per
-distinct window (`build_layer_masks`), built once per micro-batch.
+distinct window (`model.executor.AttentionExecutor.layer_masks`), built once per micro-batch.
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from collections.abc import Mapping
 from typing import Callable, Union
 
 import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
+from prefixdpo.data.packing import BLOCK
+
 MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
-# How attention runs; see the module docstring.
-EXECUTORS = ("flex", "dense", "documents")
+# FlexAttention's default block, and the largest the trainer uses: rows are padded to a
+# multiple of it (`data.packing.BLOCK`, the one constant for both).
+FLEX_BLOCK_SIZE = BLOCK
 # The document id of padding tokens (what `data.layout` writes).
 PADDING_DOCUMENT = -1
 
@@ -110,10 +112,6 @@ def _compiled_create_block_mask():
     return torch.compile(create_block_mask)
 
 
-# FlexAttention's default block: rows are padded to a multiple of it.
-FLEX_BLOCK_SIZE = 128
-
-
 def block_mask(mask_mod: MaskMod, batch_size: int, seq_len: int, device: torch.device,
                block_size: int = FLEX_BLOCK_SIZE) -> BlockMask:
     """A FlexAttention BlockMask of `block_size` x `block_size` blocks; compiled on CUDA so no
@@ -179,9 +177,6 @@ class DocumentMask:
 
 # What the model's attention takes, one form per executor.
 AttentionMask = Union[BlockMask, Tensor, DocumentMask]
-# The masks of one micro-batch, one per distinct attention window of the model's layers (None:
-# full attention), each built once and shared by the layers of that window and the reference.
-LayerMasks = Mapping[Union[int, None], AttentionMask]
 
 # Bucket bounds for query and key lengths: 1 (padding tokens), then 16, 24, 32, 48, 64,
 # 96, ... A bucket pads its spans to its longest, under 1.5x a span's length in each
@@ -301,29 +296,3 @@ def per_document_mask(document_ids: Tensor, segment_ids: Tensor, positions: Tens
     return DocumentMask(query_slot_token.to(device), token_slot.to(device),
                         (~real).nonzero().squeeze(1).to(device),
                         torch.cat(key_tokens).to(device), tuple(buckets), batch_size, seq_len)
-
-
-def build_layer_masks(document_ids: Tensor, segment_ids: Tensor, positions: Tensor,
-                      windows: tuple[int | None, ...], executor: str,
-                      flex_block_size: int = FLEX_BLOCK_SIZE) -> LayerMasks:
-    """One mask per window in `windows` (a model's `config.attention_windows`), each in the
-    form `executor` takes (see `build_attention_mask`)."""
-    return {window: build_attention_mask(document_ids, segment_ids, positions, window, executor,
-                                         flex_block_size)
-            for window in windows}
-
-
-def build_attention_mask(document_ids: Tensor, segment_ids: Tensor, positions: Tensor,
-                         sliding_window: int | None, executor: str,
-                         flex_block_size: int = FLEX_BLOCK_SIZE) -> AttentionMask:
-    """The mask for one batch of rows `[B, L]`, in the form `executor` (one of `EXECUTORS`)
-    takes; `flex_block_size` is the BlockMask's block (flex only)."""
-    if executor not in EXECUTORS:
-        raise ValueError(f"unknown attention executor {executor!r}; choose one of {EXECUTORS}")
-    if executor == "documents":
-        return per_document_mask(document_ids, segment_ids, positions, sliding_window)
-    batch_size, seq_len = document_ids.shape
-    mask_mod = row_mask_mod(document_ids, segment_ids, positions, sliding_window)
-    if executor == "flex":
-        return block_mask(mask_mod, batch_size, seq_len, document_ids.device, flex_block_size)
-    return dense_mask(mask_mod, batch_size, seq_len, document_ids.device)

@@ -11,9 +11,9 @@ rotate-half form transformers uses.
 Prefix sharing needs three things from the model, all explicit inputs of `forward`:
 - `positions`: RoPE is indexed by these, not by the index in the row, so every completion
   restarts at the prompt length;
-- attention masks built by `model.masks`, one per distinct attention window of the layers
-  (`LayerMasks`), whose type picks the executor: a FlexAttention `BlockMask`, a dense bool
-  mask for SDPA, or a `DocumentMask` (SDPA per document);
+- attention masks, one per distinct attention window of the layers (`LayerMasks`), built by
+  the executor that attends with them (`model.executor`: FlexAttention, dense SDPA, or SDPA
+  per document);
 - the flat indexes of the hidden states that predict each target token, so log-probs are
   computed only where they are needed (see `kernels.linear_log_probs`).
 
@@ -32,21 +32,10 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from prefixdpo.kernels.log_probs import linear_log_probs
 from prefixdpo.model.config import LinearRopeScaling, ModelConfig, Rope
-from prefixdpo.model.attention import document_attention, flex_kernel_options
-from prefixdpo.model.masks import DocumentMask, LayerMasks
-
-
-# FlexAttention must be compiled to run as a fused kernel on CUDA; inside an already compiled
-# layer the call is inlined. Created here, at import, so that tracing a compiled layer meets a
-# plain global rather than a factory. Shapes are left to dynamo's automatic dynamic mode:
-# packed rows never change shape, and the unpacked layouts' varying row lengths then cost one
-# more compilation instead of one per length. On CPU flex_attention runs eagerly (forward only,
-# for tests).
-compiled_flex_attention = torch.compile(flex_attention)
+from prefixdpo.model.executor import LayerMasks
 
 
 def rope_inverse_frequencies(rope: Rope, head_dim: int, device: torch.device | None = None
@@ -124,9 +113,6 @@ class Attention(nn.Module):
         if config.qk_norm:  # Qwen3, Gemma 3: each head's q and k normalized before RoPE
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, config.norm_unit_offset)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, config.norm_unit_offset)
-        # FlexAttention's kernel_options (which backend), set from outside by
-        # `set_flex_backend`; None leaves the choice to torch.
-        self.flex_kernel_options: dict[str, str] | None = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, masks: LayerMasks) -> Tensor:
         batch, seq_len, _ = x.shape
@@ -136,28 +122,9 @@ class Attention(nn.Module):
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        mask = masks[self.window]
-        if isinstance(mask, BlockMask):
-            flex = compiled_flex_attention if q.is_cuda else flex_attention
-            out = flex(q, k, v, block_mask=mask, scale=self.scale, enable_gqa=True,
-                       kernel_options=self.flex_kernel_options)
-        elif isinstance(mask, DocumentMask):
-            out = document_attention(q, k, v, mask, self.scale)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
-                                                 enable_gqa=True)
+        out = masks.attend(q, k, v, self.window, self.scale)
         out = out.transpose(1, 2).reshape(batch, seq_len, self.num_heads * self.head_dim)
         return self.o_proj(out)
-
-
-def set_flex_backend(model: nn.Module, backend: str) -> None:
-    """Run FlexAttention in every attention layer of `model` on `backend` ("triton" or
-    "flash", see `model.attention`); a ValueError if it cannot run here. Call it before
-    compiling: compiled code keeps the options it was traced with."""
-    options = flex_kernel_options(backend)
-    for module in model.modules():
-        if isinstance(module, Attention):
-            module.flex_kernel_options = options
 
 
 class MLP(nn.Module):
@@ -273,7 +240,7 @@ class Transformer(nn.Module):
         `target_index[t]` of the `[B * L]` grid, computed by the head module (`LMHead`).
         With `log_sum_sq_probs` (WPO's weights), the pair (log-probs `[T]`, log(sum_v p_v^2)
         `[T]` without gradient), from the same chunked pass of the head. `masks` holds one
-        mask per attention window of the layers (`model.masks`)."""
+        mask per attention window of the layers, with the executor that attends with them."""
         h = self.embed_tokens(input_ids)
         if self.config.scale_embeddings:
             # Gemma: sqrt(hidden) rounded to float32, then to the embedding's dtype, as

@@ -35,7 +35,8 @@ from prefixdpo.data.layout import Numbering
 from prefixdpo.data.loader import fit_examples
 from prefixdpo.data.tokenizer import load_tokenizer
 from prefixdpo.model.hf_checkpoint import load_model, resolve_model_dir
-from prefixdpo.train.scoring import attention_executor, score_sequences
+from prefixdpo.model.executor import choose_executor
+from prefixdpo.train.scoring import score_sequences
 
 # The flags that set data options, named in messages instead of the config keys.
 FLAGS = {"path": "--data", "split": "--split", "format": "--format", "columns": "--columns",
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     logps, counts = score_sequences(model, examples, layout=args.layout,
                                     packing_length=report.packing_length,
                                     micro_batch_size=args.batch_size, device=device,
-                                    attention=attention_executor("auto", device))
+                                    executor=choose_executor("auto", device))
     records = pair_records(examples, logps.tolist(), counts.tolist())
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w") as f:

@@ -13,6 +13,10 @@ from prefixdpo.data.example import Example, Group
 from prefixdpo.data.layout import PADDING_DOCUMENT
 
 from prefixdpo.model.config import LinearRopeScaling, ModelConfig
+from prefixdpo.model.executor import AttentionExecutor
+
+# The executors, for tests that pick one (FLEX: eager FlexAttention on the CPU, forward only).
+DENSE, DOCUMENTS, FLEX = (AttentionExecutor(name) for name in ("dense", "documents", "flex"))
 
 TINY = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -177,11 +181,8 @@ def row_tensors(groups: list[tuple[int, tuple[int, ...]]], length: int
 
 def causal_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
     """Logits of each row of `input_ids` alone, causally, through the dense-mask path."""
-    from prefixdpo.model.masks import build_layer_masks
-
     batch, seq_len = input_ids.shape
     positions = torch.arange(seq_len, device=input_ids.device).expand(batch, seq_len)
     zeros = torch.zeros_like(input_ids)
-    masks = build_layer_masks(zeros, zeros, positions, model.config.attention_windows,
-                              executor="dense")
+    masks = DENSE.layer_masks(zeros, zeros, positions, model.config.attention_windows)
     return model.logits(model(input_ids, positions, masks))

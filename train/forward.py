@@ -16,7 +16,7 @@ from prefixdpo.data.layout import Batch
 from prefixdpo.kernels.reduce import (ld_log_probs, sequence_log_probs, shared_prefix_log_probs,
                                       token_ranks)
 from prefixdpo.model.config import ModelConfig
-from prefixdpo.model.masks import FLEX_BLOCK_SIZE, LayerMasks, build_layer_masks
+from prefixdpo.model.executor import AttentionExecutor, LayerMasks
 from prefixdpo.train.losses import LossConfig, LossState, preference_loss, wpo_pair_weights
 
 # Reference log-probs `[S]` of a batch's sequences (None for reference-free losses). LD-DPO
@@ -25,12 +25,12 @@ from prefixdpo.train.losses import LossConfig, LossState, preference_loss, wpo_p
 Reference = Callable[..., "Tensor | tuple[Tensor, Tensor] | None"]
 
 
-def attention_masks(batch: Batch, config: ModelConfig, attention: str,
-                    flex_block_size: int = FLEX_BLOCK_SIZE) -> LayerMasks:
+def attention_masks(batch: Batch, config: ModelConfig, executor: AttentionExecutor
+                    ) -> LayerMasks:
     """One mask per attention window of the model's layers, built once per micro-batch and
     shared by the policy and a live reference."""
-    return build_layer_masks(batch.document_ids, batch.segment_ids, batch.positions,
-                             config.attention_windows, attention, flex_block_size)
+    return executor.layer_masks(batch.document_ids, batch.segment_ids, batch.positions,
+                                config.attention_windows)
 
 
 def batch_sequence_log_probs(model: nn.Module, batch: Batch, masks: LayerMasks
@@ -74,7 +74,7 @@ def sequence_and_prefix_log_probs(model: nn.Module, batch: Batch, masks: LayerMa
 
 
 def pair_losses(model: nn.Module, batch: Batch, reference: Reference, loss_config: LossConfig,
-                loss_state: LossState, attention: str, flex_block_size: int = FLEX_BLOCK_SIZE
+                loss_state: LossState, executor: AttentionExecutor
                 ) -> tuple[Tensor, dict[str, Tensor], LossState]:
     """Per-pair losses `[N]`, per-pair metrics and the advanced loss state of a batch. The
     masks serve the policy and a live reference.
@@ -83,7 +83,7 @@ def pair_losses(model: nn.Module, batch: Batch, reference: Reference, loss_confi
     plus ld_alpha times its tail, from the flat tokens; the NLL term keeps the plain sums.
     `loss.use_weighting` (WPO): the head also gives each token's log(sum_v p_v^2), and each
     pair's loss is weighted by `losses.wpo_pair_weights` of the policy's plain tokens."""
-    masks = attention_masks(batch, model.config, attention, flex_block_size)
+    masks = attention_masks(batch, model.config, executor)
     ld = loss_config.uses_ld
     # The reference (no grad) runs first: a live one's gathered weights and activations are
     # freed before the policy's activations, kept for backward, exist.

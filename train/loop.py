@@ -27,8 +27,7 @@ from safetensors import SafetensorError
 
 from prefixdpo.data.loader import PreferenceLoader, StepBatches
 from prefixdpo.model.hf_checkpoint import save_hf_checkpoint
-from prefixdpo.model.masks import FLEX_BLOCK_SIZE
-from prefixdpo.model.transformer import set_flex_backend
+from prefixdpo.model.executor import AttentionExecutor, choose_executor
 from prefixdpo.data.dataset import chat_template_override
 from prefixdpo.train.build import ModelSource, load_run_data, tokenizer_for
 from prefixdpo.train.checkpoint import (IncompleteCheckpoint, list_checkpoints, load_checkpoint,
@@ -47,7 +46,6 @@ from prefixdpo.train.lora import (AdaptersOffReference, add_lora, export_adapter
                         merged_state_dict)
 from prefixdpo.train.reporting import Reporter, check_available
 from prefixdpo.train.run_dir import RunLock, check_writable, write_error
-from prefixdpo.train.scoring import attention_executor, row_multiple
 
 # Per-pair metrics, summed over the step's pairs and divided by their number when logged.
 PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -86,9 +84,9 @@ class StepResult:
 
 def train_step(model: torch.nn.Module, batches: StepBatches, *, reference: Reference,
                loss_config: LossConfig, loss_state: LossState, optimizer: torch.optim.Optimizer,
-               max_grad_norm: float, env: Distributed, attention: str,
-               stop_requested: bool | Callable[[], bool] = False,
-               flex_block_size: int = FLEX_BLOCK_SIZE) -> tuple[StepResult, LossState]:
+               max_grad_norm: float, env: Distributed, executor: AttentionExecutor,
+               stop_requested: bool | Callable[[], bool] = False
+               ) -> tuple[StepResult, LossState]:
     """Forward and backward over this rank's micro-batches, then one optimizer update (skipped
     when the loss or the gradient is not finite).
 
@@ -111,7 +109,7 @@ def train_step(model: torch.nn.Module, batches: StepBatches, *, reference: Refer
     for batch in batches:
         batch = batch.to(device, non_blocking=True)
         losses, metrics, loss_state = pair_losses(model, batch, reference, loss_config,
-                                                  loss_state, attention, flex_block_size)
+                                                  loss_state, executor)
         (losses.sum() * scale).backward()
         sums += torch.stack([losses.detach().sum().double()]
                             + [metrics[name].detach().sum().double() for name in PAIR_METRICS])
@@ -179,7 +177,7 @@ def _clip_grad_norm(model: torch.nn.Module, max_norm: float, device: torch.devic
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: PreferenceLoader, *, reference: Reference,
              loss_config: LossConfig, loss_state: LossState, env: Distributed,
-             attention: str) -> dict[str, float]:
+             executor: AttentionExecutor) -> dict[str, float]:
     """Loss and reward metrics over the held-out examples (each once, sharded by rank). The
     batches are queued without host reads; the sums are read once, at the end."""
     loss_state = _loss_state_on(loss_state, env.device)
@@ -191,7 +189,7 @@ def evaluate(model: torch.nn.Module, loader: PreferenceLoader, *, reference: Ref
         batch = batch.to(env.device, non_blocking=True)
         # The loss state is read, not advanced: evaluation does not move bco_pair's mean.
         losses, metrics, _ = pair_losses(model, batch, reference, loss_config, loss_state,
-                                         attention)
+                                         executor)
         sums += torch.stack([losses.sum().double()]
                             + [metrics[name].sum().double() for name in PAIR_METRICS])
     reshard(model)
@@ -260,7 +258,7 @@ def train(config: Config) -> Path:
 def _train(config: Config, env: Distributed) -> Path:
     cfg_train, device = config.train, env.device
     cuda = device.type == "cuda"
-    attention = attention_executor(cfg_train.attention, device)
+    executor = choose_executor(cfg_train.attention, device, flex_backend=cfg_train.flex_backend)
     output_dir = Path(cfg_train.output_dir)
     if env.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -290,22 +288,20 @@ def _train(config: Config, env: Distributed) -> Path:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         log(f"LoRA rank {config.lora.rank} on {', '.join(config.lora.target_modules)}: "
             f"{trainable / 1e6:.2f}M trainable parameters, the base frozen")
-    if attention == "flex":
-        set_flex_backend(model, cfg_train.flex_backend)  # before the first (compiling) call
     log(f"model: {source.config.architecture}, {source.config.num_params / 1e6:.1f}M parameters")
 
     # The reference, while the model still holds its initial weights.
-    reference, eval_reference = _reference(config, source, model, data, env, attention, log)
+    reference, eval_reference = _reference(config, source, model, data, env, executor, log)
 
     optimizer = build_optimizer(model, config.optim, device)
     loader = PreferenceLoader(data.train, config.data.layout, cfg_train.micro_batch_size,
                               cfg_train.grad_accum, env.world_size, env.rank, cfg_train.seed,
-                              data.fit.packing_length, row_multiple(attention),
+                              data.fit.packing_length, executor.row_multiple,
                               pin_memory=cuda)
     eval_loader = PreferenceLoader(data.eval, config.data.layout, cfg_train.micro_batch_size,
                                    world_size=env.world_size, rank=env.rank, shuffle=False,
                                    packing_length=data.fit.packing_length,
-                                   pad_multiple=row_multiple(attention)) if data.eval else None
+                                   pad_multiple=executor.row_multiple) if data.eval else None
 
     state = TrainState()
     # TR-DPO's reference changes during training: it is saved and restored with the policy.
@@ -328,7 +324,7 @@ def _train(config: Config, env: Distributed) -> Path:
             logger.log(state.step, evaluate(model, eval_loader, reference=eval_reference,
                                             loss_config=config.loss,
                                             loss_state=state.loss_state, env=env,
-                                            attention=attention), prefix="eval ")
+                                            executor=executor), prefix="eval ")
 
     logger = MetricsLogger(output_dir, cfg_train.steps, state.step, env.is_main, Reporter(
         cfg_train.report_to, output_dir, state.step, env.is_main, config, config_toml))
@@ -349,7 +345,7 @@ def _train(config: Config, env: Distributed) -> Path:
                 result, loss_state = train_step(
                     model, batches, reference=reference, loss_config=config.loss,
                     loss_state=state.loss_state, optimizer=optimizer,
-                    max_grad_norm=config.optim.max_grad_norm, env=env, attention=attention,
+                    max_grad_norm=config.optim.max_grad_norm, env=env, executor=executor,
                     stop_requested=stop)
             except torch.OutOfMemoryError:
                 raise ValueError(
@@ -449,7 +445,7 @@ def _load_latest(checkpoints: list[Path], model: torch.nn.Module,
 
 
 def _reference(config: Config, source: ModelSource, model: torch.nn.Module, data, env,
-               attention: str, log) -> tuple[Reference, Reference]:
+               executor: AttentionExecutor, log) -> tuple[Reference, Reference]:
     mode = config.reference.mode
     if mode == "none":
         return no_reference, no_reference
@@ -469,8 +465,6 @@ def _reference(config: Config, source: ModelSource, model: torch.nn.Module, data
             freeze(meta_model), env.mesh, mixed_precision=cuda and synced,
             compile=config.train.compile and env.device.type == "cuda",
             reshard_after_forward=True))
-        if attention == "flex":
-            set_flex_backend(frozen, config.train.flex_backend)
         live = LiveReference(frozen)
         return live, live
     cache_dir = Path(config.reference.cache_dir) if config.reference.cache_dir \
@@ -491,7 +485,7 @@ def _reference(config: Config, source: ModelSource, model: torch.nn.Module, data
             run_dir=Path(config.train.output_dir), cache_dir=cache_dir, name=name,
             micro_batch_size=config.train.micro_batch_size,
             packing_length=data.fit.packing_length or "auto", device=env.device,
-            attention=attention, rank=env.rank, world_size=env.world_size, log=log,
+            executor=executor, rank=env.rank, world_size=env.world_size, log=log,
             shared_prefix=ld)
         tables.append(TableReference(*table) if ld else TableReference(table))
     return tables[0], tables[1]

@@ -42,7 +42,7 @@ from torch.distributed.tensor import DTensor
 
 from prefixdpo.data.layout import Batch
 from prefixdpo.model.hf_checkpoint import copy_tokenizer_files, local_rows, ours_to_hf
-from prefixdpo.model.masks import LayerMasks
+from prefixdpo.model.executor import LayerMasks
 from prefixdpo.train.config import LoraSection
 from prefixdpo.train.forward import sequence_and_prefix_log_probs
 

@@ -38,7 +38,7 @@ from safetensors.torch import save_file
 from prefixdpo.data.example import Example, fingerprint
 from prefixdpo.data.layout import Batch, Numbering
 from prefixdpo.data.loader import fit_examples
-from prefixdpo.model.masks import LayerMasks
+from prefixdpo.model.executor import AttentionExecutor, LayerMasks
 from prefixdpo.train.forward import Reference, sequence_and_prefix_log_probs
 from prefixdpo.train.parallelize import reshard
 from prefixdpo.model.hf_checkpoint import checkpoint_files
@@ -159,8 +159,9 @@ def _write_copies(paths: Sequence[Path], key: str, table: torch.Tensor, log,
 
 def reference_log_probs(model: torch.nn.Module, examples: Sequence[Example], *, key: str,
                         run_dir: Path, cache_dir: Path, name: str, micro_batch_size: int,
-                        packing_length: int | str, device: torch.device, attention: str,
-                        rank: int, world_size: int, log=print, shared_prefix: bool = False
+                        packing_length: int | str, device: torch.device,
+                        executor: AttentionExecutor, rank: int, world_size: int, log=print,
+                        shared_prefix: bool = False
                         ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Float32 `[num_sequences]` reference log-probs of `examples` on `device`; with
     `shared_prefix` (LD-DPO), `(table, shared)` with `shared` the float32 `[num_pairs, 2]`
@@ -197,7 +198,7 @@ def reference_log_probs(model: torch.nn.Module, examples: Sequence[Example], *, 
     scored = score_sequences(model, fitted, layout="shared+packed",
                              packing_length=report.packing_length,
                              micro_batch_size=micro_batch_size, device=device,
-                             attention=attention, rank=rank, world_size=world_size,
+                             executor=executor, rank=rank, world_size=world_size,
                              progress=rank == 0, shared_prefix=shared_prefix)
     table = scored[0].float()
     shared = scored[2].float() if shared_prefix else None

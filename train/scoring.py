@@ -16,32 +16,16 @@ from tqdm import tqdm
 from prefixdpo.data.example import Example
 from prefixdpo.data.layout import Numbering, document_lengths, is_packed, is_shared
 from prefixdpo.data.loader import PreferenceLoader
+from prefixdpo.model.executor import AttentionExecutor
 from prefixdpo.train.forward import (attention_masks, batch_sequence_log_probs,
                                      sequence_and_prefix_log_probs)
 from prefixdpo.train.parallelize import reshard
 
 
-def attention_executor(choice: str, device: torch.device) -> str:
-    """The attention executor for `train.attention` on `device`: "auto" is FlexAttention on
-    CUDA and the per-document SDPA executor elsewhere. FlexAttention has no backward on CPU."""
-    if choice == "auto":
-        return "flex" if device.type == "cuda" else "documents"
-    if choice == "flex" and device.type != "cuda":
-        raise ValueError("train.attention = 'flex' needs a CUDA device (FlexAttention has no "
-                         "backward on CPU); use 'documents' or 'dense'")
-    return choice
-
-
-def row_multiple(attention: str) -> int:
-    """Unpacked rows are padded to a multiple of this: FlexAttention's block size (fewer
-    distinct shapes to compile), a small multiple for the other executors."""
-    return 128 if attention == "flex" else 8
-
-
 @torch.no_grad()
 def score_sequences(model: torch.nn.Module, examples: Sequence[Example], *, layout: str,
                     packing_length: int, micro_batch_size: int, device: torch.device,
-                    attention: str, rank: int = 0, world_size: int = 1,
+                    executor: AttentionExecutor, rank: int = 0, world_size: int = 1,
                     progress: bool = True, shared_prefix: bool = False) -> tuple[torch.Tensor, ...]:
     """(log-prob sums float64 `[num_sequences]`, token counts int64 `[num_sequences]`), and
     with `shared_prefix` (LD-DPO) a third: float64 `[num_pairs, 2]`, each pair's chosen and
@@ -52,7 +36,7 @@ def score_sequences(model: torch.nn.Module, examples: Sequence[Example], *, layo
             len(document_lengths(e, is_shared(layout))) for e in examples))
     loader = PreferenceLoader(examples, layout, micro_batch_size, world_size=world_size,
                               rank=rank, packing_length=packing_length, shuffle=False,
-                              pad_multiple=row_multiple(attention),
+                              pad_multiple=executor.row_multiple,
                               pin_memory=device.type == "cuda")
     numbering = Numbering(examples)
     num_sequences = numbering.num_sequences
@@ -64,7 +48,7 @@ def score_sequences(model: torch.nn.Module, examples: Sequence[Example], *, layo
     for batch in tqdm(loader.one_pass(), total=total, desc="scoring", unit="batch",
                       disable=not progress, dynamic_ncols=True):
         batch = batch.to(device, non_blocking=True)
-        masks = attention_masks(batch, model.config, attention)
+        masks = attention_masks(batch, model.config, executor)
         if shared_prefix:
             sums, pair_sums = sequence_and_prefix_log_probs(model, batch, masks, True)
             shared.index_add_(0, batch.pair_ids, pair_sums.double())

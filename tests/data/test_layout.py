@@ -7,12 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import FAMILIES, family_model, random_examples
+from conftest import DENSE, FAMILIES, family_model, random_examples
 
 from prefixdpo.data.example import Example, Group
 from prefixdpo.data.layout import Numbering, collate, fit_to_length
 from prefixdpo.data.loader import fit_examples
-from prefixdpo.model.masks import build_layer_masks
 
 LAYOUTS = ["shared+packed", "shared", "paired+packed", "paired"]
 
@@ -33,8 +32,8 @@ def rows_for(examples, layout, per_row=3):
 def sequence_log_probs(model, examples, layout, row_length=128):
     numbering = Numbering(examples)
     batch = collate(rows_for(examples, layout), examples, numbering, layout, row_length)
-    masks = build_layer_masks(batch.document_ids, batch.segment_ids, batch.positions,
-                              model.config.attention_windows, executor="dense")
+    masks = DENSE.layer_masks(batch.document_ids, batch.segment_ids, batch.positions,
+                              model.config.attention_windows)
     token_logps = model(batch.input_ids, batch.positions, masks, batch.target_index,
                         batch.target_ids)
     sums = torch.zeros(batch.num_sequences).index_add(0, batch.target_sequence, token_logps)
@@ -53,8 +52,8 @@ def alone_log_probs(model, examples):
                 n = ids.shape[1]
                 positions = torch.arange(n)[None]
                 zeros = torch.zeros_like(ids)
-                masks = build_layer_masks(zeros, zeros, positions,
-                                          model.config.attention_windows, executor="dense")
+                masks = DENSE.layer_masks(zeros, zeros, positions,
+                                          model.config.attention_windows)
                 logits = model.logits(model(ids, positions, masks))[0].float()
                 logps = logits.log_softmax(-1)[len(g.prompt) - 1:n - 1]
                 out.append(logps.gather(-1, torch.from_numpy(c).long()[:, None]).sum())
@@ -134,8 +133,8 @@ def test_groups_do_not_see_each_other_and_padding_is_inert(model):
     rows = [[0, 1, 2]]
 
     def logps(batch):
-        masks = build_layer_masks(batch.document_ids, batch.segment_ids, batch.positions,
-                                  model.config.attention_windows, executor="dense")
+        masks = DENSE.layer_masks(batch.document_ids, batch.segment_ids, batch.positions,
+                                  model.config.attention_windows)
         with torch.no_grad():
             return model(batch.input_ids, batch.positions, masks, batch.target_index,
                          batch.target_ids)

@@ -29,8 +29,9 @@ from conftest import FAMILIES, random_examples, tiny_config
 
 from prefixdpo.data.layout import Batch
 from prefixdpo.data.loader import PreferenceLoader, fit_examples
-from prefixdpo.model.masks import (and_masks, build_attention_mask, build_layer_masks, causal,
+from prefixdpo.model.masks import (and_masks, causal,
                                    dense_mask, document_mask)
+from prefixdpo.model.executor import AttentionExecutor, LayerMasks
 from prefixdpo.model.transformer import build_model
 
 pytestmark = [pytest.mark.gpu,
@@ -72,8 +73,8 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 def logps_and_grads(model, batch: Batch, attention: str) -> tuple[torch.Tensor, dict]:
     """Target log-probs and the gradients of a fixed random weighting of them."""
     model.zero_grad(set_to_none=True)
-    masks = build_layer_masks(batch.document_ids, batch.segment_ids, batch.positions,
-                              model.config.attention_windows, attention)
+    masks = AttentionExecutor(attention).layer_masks(batch.document_ids, batch.segment_ids,
+                                                     batch.positions, model.config.attention_windows)
     logps = model(batch.input_ids, batch.positions, masks, batch.target_index, batch.target_ids)
     weights = torch.randn(logps.shape, generator=torch.Generator().manual_seed(3)).cuda()
     (logps * weights).sum().backward()
@@ -105,8 +106,9 @@ def test_flex_equals_dense_float32(variant, no_tf32):
     with torch.no_grad():
         broken = dense_mask(and_masks(causal, document_mask(batch.document_ids)),
                             *batch.input_ids.shape, batch.input_ids.device)
-        wrong = model(batch.input_ids, batch.positions,
-                      {w: broken for w in config.attention_windows}, batch.target_index,
+        broken_masks = LayerMasks(AttentionExecutor("dense"),
+                                  {w: broken for w in config.attention_windows})
+        wrong = model(batch.input_ids, batch.positions, broken_masks, batch.target_index,
                       batch.target_ids)
     assert relative(wrong, dense) > 30 * FLOAT32_TOLERANCE
     assert flex_grads.keys() == dense_grads.keys()
@@ -182,7 +184,7 @@ def run_step(model, batches, reference, env, optimizer):
 
     return train_step(model, batches, reference=reference, loss_config=LossConfig(),
                       loss_state=LossState(), optimizer=optimizer, max_grad_norm=1.0, env=env,
-                      attention="flex")[0]
+                      executor=AttentionExecutor("flex"))[0]
 
 
 def graphs_compiled() -> int:
@@ -239,7 +241,7 @@ def test_first_loss_is_ln2_in_mixed_precision(env, layout):
     packed = fit_examples(examples, "shared+packed", LENGTH, "error")[1]
     table, _ = score_sequences(model, examples, layout="shared+packed",
                                packing_length=packed.packing_length, micro_batch_size=2,
-                               device=env.device, attention="flex", progress=False)
+                               device=env.device, executor=AttentionExecutor("flex"), progress=False)
     loader = PreferenceLoader(examples, layout, 4, packing_length=report.packing_length,
                               pad_multiple=128, seed=0, prefetch=0)
     optimizer = build_optimizer(model, OptimSection(lr=1e-5), env.device)

@@ -29,7 +29,7 @@ import torch
 from cuda_helpers import (CUDA_MARKS, FLOAT32_TOLERANCE, cuda_config, first_batch, full_grads,
                           no_tf32, one_rank_group, relative, within_bf16_noise)
 
-from prefixdpo.model.masks import build_layer_masks
+from prefixdpo.model.executor import AttentionExecutor
 from prefixdpo.model.transformer import build_model
 
 pytestmark = CUDA_MARKS
@@ -44,8 +44,8 @@ def env():
 def logps_and_grads(model, batch, attention: str) -> tuple[torch.Tensor, dict]:
     """Target log-probs and the gradients of a fixed random weighting of them."""
     model.zero_grad(set_to_none=True)
-    masks = build_layer_masks(batch.document_ids, batch.segment_ids, batch.positions,
-                              model.config.attention_windows, attention)
+    masks = AttentionExecutor(attention).layer_masks(batch.document_ids, batch.segment_ids,
+                                                     batch.positions, model.config.attention_windows)
     logps = model(batch.input_ids, batch.positions, masks, batch.target_index, batch.target_ids)
     weights = torch.randn(logps.shape, generator=torch.Generator().manual_seed(3))
     (logps * weights.to(logps.device)).sum().backward()

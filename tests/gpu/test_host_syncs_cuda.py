@@ -22,6 +22,7 @@ import torch
 from cuda_helpers import (CUDA_MARKS, cuda_config, fitted_examples, full_grads,
                           graphs_compiled, loader_for, one_rank_group, relative)
 
+from prefixdpo.model.executor import AttentionExecutor
 from prefixdpo.model.transformer import build_model
 
 pytestmark = CUDA_MARKS
@@ -55,7 +56,7 @@ def test_forward_and_backward_do_not_synchronize(env):
         """One micro-batch as `train_step` runs it (the loss normalized by its pairs)."""
         batch = host_batch.to(env.device, non_blocking=True)
         losses, _, _ = pair_losses(model, batch, reference, LossConfig(), loss_state,
-                                   attention="flex")
+                                   executor=AttentionExecutor("flex"))
         (losses.sum() / host_batch.num_pairs).backward()
         return losses.detach()
 

@@ -28,6 +28,7 @@ from cuda_helpers import (CUDA_MARKS, LENGTH, SEQUENCE_NATS, cuda_config, fitted
                           loader_for, one_rank_group)
 
 from prefixdpo.data.layout import Numbering
+from prefixdpo.model.executor import AttentionExecutor
 from prefixdpo.model.transformer import build_model
 from prefixdpo.train.losses import LossConfig, LossState
 from prefixdpo.train.scoring import score_sequences
@@ -64,14 +65,14 @@ def test_live_reference_equals_the_precomputed_table(env, layout):
     model = frozen_reference_model(config, env)
     table, counts = score_sequences(model, examples, layout="shared+packed",
                                     packing_length=LENGTH, micro_batch_size=2,
-                                    device=env.device, attention="flex", progress=False)
+                                    device=env.device, executor=AttentionExecutor("flex"), progress=False)
     assert bool((counts > 0).all())
     live = LiveReference(model)
     loader = loader_for(examples, layout, rows=4, seed=3, shuffle=True)
     got, expected = [], []
     for micro_batch in loader.micro_batch_plan(0)[:8]:
         batch = loader.build(micro_batch).to(env.device)
-        got.append(live(batch, attention_masks(batch, config, attention="flex")))
+        got.append(live(batch, attention_masks(batch, config, executor=AttentionExecutor("flex"))))
         expected.append(table[batch.sequence_ids].float())
     got, expected = torch.cat(got), torch.cat(expected)
     assert got.dtype == torch.float32 and len(got) > 20
@@ -107,18 +108,18 @@ def test_evaluate_on_cuda_matches_cpu_float32(env):
     cpu_model = build_model(config, cpu, seed=0)
     table, _ = score_sequences(cpu_model, examples, layout="shared+packed",
                                packing_length=LENGTH, micro_batch_size=2, device=cpu,
-                               attention="dense", progress=False)
+                               executor=AttentionExecutor("dense"), progress=False)
     reference = reference_with_margins(table, examples)
     common = dict(loss_config=LossConfig(), loss_state=LossState())
 
     cpu_env = Distributed(rank=0, world_size=1, local_rank=0, device=cpu, mesh=None)
     expected = evaluate(cpu_model, loader_for(examples), reference=TableReference(reference),
-                        env=cpu_env, attention="dense", **common)
+                        env=cpu_env, executor=AttentionExecutor("dense"), **common)
     cuda_model = parallelize(copy.deepcopy(cpu_model).to(env.device), env.mesh,
                              mixed_precision=True, compile=True)
     got = evaluate(cuda_model, loader_for(examples, pin_memory=True),
                    reference=TableReference(reference.to(env.device)), env=env,
-                   attention="flex", **common)
+                   executor=AttentionExecutor("flex"), **common)
 
     assert got.keys() == expected.keys()
     assert 0.0 < expected["eval/rewards/accuracies"] < 1.0  # margins of both signs

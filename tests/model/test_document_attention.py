@@ -15,13 +15,13 @@ import pytest
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 import torch.nn.functional as F
-from conftest import FAMILIES, family_model, random_examples, row_tensors, tiny_config
+from conftest import DOCUMENTS, FAMILIES, family_model, random_examples, row_tensors, tiny_config
 
 from prefixdpo.data import layout
 from prefixdpo.data.loader import PreferenceLoader, fit_examples
 from prefixdpo.model.attention import document_attention
-from prefixdpo.model.masks import (EXECUTORS, PADDING_DOCUMENT, DocumentMask, SpanBucket,
-                                   build_attention_mask, build_layer_masks, dense_mask,
+from prefixdpo.model.executor import EXECUTORS, AttentionExecutor, LayerMasks, choose_executor
+from prefixdpo.model.masks import (PADDING_DOCUMENT, DocumentMask, SpanBucket, dense_mask,
                                    per_document_mask, row_mask_mod)
 from prefixdpo.model.transformer import build_model
 
@@ -57,7 +57,7 @@ def test_attention_values_and_gradients_equal_dense(window, scale):
 
     def run(executor: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
         q, k, v = (x.clone().requires_grad_() for x in inputs)
-        mask = build_attention_mask(documents, segments, positions, window, executor=executor)
+        mask = AttentionExecutor(executor).mask(documents, segments, positions, window)
         if executor == "documents":
             out = document_attention(q, k, v, mask, scale)
         else:
@@ -185,8 +185,8 @@ def loader_batches(config, rows: int = 3):
 def sequence_log_probs_and_grads(model, batch, executor: str):
     """Per-sequence log-probs and the parameter gradients of a fixed random weighting."""
     model.zero_grad(set_to_none=True)
-    masks = build_layer_masks(batch.document_ids, batch.segment_ids, batch.positions,
-                              model.config.attention_windows, executor=executor)
+    masks = AttentionExecutor(executor).layer_masks(batch.document_ids, batch.segment_ids,
+                                                    batch.positions, model.config.attention_windows)
     token_logps = model(batch.input_ids, batch.positions, masks, batch.target_index,
                         batch.target_ids)
     sequences = torch.zeros(batch.num_sequences, dtype=token_logps.dtype).index_add(
@@ -222,7 +222,7 @@ def test_padding_only_batch_is_finite_and_keeps_every_gradient():
     model = build_model(config, seed=0)
     documents = torch.full((2, 16), PADDING_DOCUMENT)
     zeros = torch.zeros_like(documents)
-    masks = {None: build_attention_mask(documents, zeros, zeros, None, executor="documents")}
+    masks = LayerMasks(DOCUMENTS, {None: DOCUMENTS.mask(documents, zeros, zeros, None)})
     assert model(zeros, zeros, masks).isfinite().all()
     no_targets = torch.zeros(0, dtype=torch.int64)
     model(zeros, zeros, masks, no_targets, no_targets).sum().backward()
@@ -233,15 +233,26 @@ def test_padding_only_batch_is_finite_and_keeps_every_gradient():
 def test_executor_choice():
     documents, segments, positions = row_batch()
 
-    def build(**kwargs):
-        return build_attention_mask(documents, segments, positions, None, **kwargs)
+    def build(name: str):
+        return AttentionExecutor(name).mask(documents, segments, positions, None)
 
     assert EXECUTORS == ("flex", "dense", "documents")
-    assert isinstance(build(executor="documents"), DocumentMask)
-    assert isinstance(build(executor="dense"), torch.Tensor)
-    assert isinstance(build(executor="flex"), BlockMask)
+    assert isinstance(build("documents"), DocumentMask)
+    assert isinstance(build("dense"), torch.Tensor)
+    assert isinstance(build("flex"), BlockMask)
     with pytest.raises(ValueError, match="unknown attention executor"):
-        build(executor="sparse")
+        build("sparse")
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert choose_executor("auto", cpu).name == "documents"
+    assert (choose_executor("auto", cuda).name, choose_executor("auto", cuda).row_multiple) == \
+        ("flex", 128)
+    assert choose_executor("dense", cpu).row_multiple == 8
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        choose_executor("flex", cpu)
+    # Forward only (scoring, evaluation): FlexAttention compiled on the CPU.
+    assert choose_executor("flex", cpu, backward=False).compile_cpu
+    with pytest.raises(ValueError, match="block size 96"):
+        AttentionExecutor("flex", block_size=96)
 
 
 def test_padding_id_is_the_layouts():

@@ -6,10 +6,9 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import HF_VARIANTS, causal_logits
+from conftest import DENSE, HF_VARIANTS, causal_logits
 
 from prefixdpo.model.hf_checkpoint import load_model, save_hf_checkpoint
-from prefixdpo.model.masks import build_layer_masks
 from prefixdpo.model.transformer import build_model
 
 SEQ_LEN = 24  # longer than the Mistral window (8) and the llama3 original context (16)
@@ -41,8 +40,7 @@ def test_target_log_probs_match_transformers(hf_checkpoint, variant):
     target_ids = torch.randint(0, ours.config.vocab_size, (17,), generator=generator)
     positions = torch.arange(SEQ_LEN).expand(2, SEQ_LEN)
     zeros = torch.zeros_like(input_ids)
-    masks = build_layer_masks(zeros, zeros, positions, ours.config.attention_windows,
-                              executor="dense")
+    masks = DENSE.layer_masks(zeros, zeros, positions, ours.config.attention_windows)
     with torch.no_grad():
         logps = hf_model(input_ids).logits.flatten(0, 1).log_softmax(-1)
         expected = logps[target_index, target_ids]

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from prefixdpo.model.masks import (and_masks, block_mask, build_attention_mask, causal, dense_mask,
-                         document_mask, prefix_sharing_mask, row_mask_mod, sliding_window_mask)
+from conftest import DENSE, FLEX
+
+from prefixdpo.model.executor import AttentionExecutor
+from prefixdpo.model.masks import (and_masks, block_mask, causal, dense_mask, document_mask,
+                                   prefix_sharing_mask, row_mask_mod, sliding_window_mask)
 
 # One packed row: group A = prompt (2 tokens) + chosen (2) + rejected (1); group B = prompt (1)
 # + two completions of one token; then one padding token.
@@ -91,7 +94,7 @@ def test_sliding_window_uses_positions():
 
 def test_every_query_sees_itself():
     # No fully masked query row, so dense attention never produces NaN on padding.
-    full = build_attention_mask(DOCS, SEGS, POS, sliding_window=1, executor="dense")
+    full = DENSE.mask(DOCS, SEGS, POS, sliding_window=1)
     assert full[0, 0].diagonal().all()
 
 
@@ -114,8 +117,8 @@ def test_flex_block_size_reaches_the_block_mask():
     benchmark), with the same allowed pairs."""
     ids = torch.zeros(1, 256, dtype=torch.long)
     positions = torch.arange(256)[None]
-    default = build_attention_mask(ids, ids, positions, None, executor="flex")
-    small = build_attention_mask(ids, ids, positions, None, executor="flex", flex_block_size=64)
+    default = FLEX.mask(ids, ids, positions, None)
+    small = AttentionExecutor("flex", block_size=64).mask(ids, ids, positions, None)
     assert default.BLOCK_SIZE == (128, 128) and small.BLOCK_SIZE == (64, 64)
     # One causal document: the blocks on and below the diagonal are visited.
     assert torch.equal(default.to_dense()[0, 0].bool(), torch.ones(2, 2).tril().bool())

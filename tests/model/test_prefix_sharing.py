@@ -6,19 +6,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FAMILIES, family_model
+from conftest import DENSE, FAMILIES, FLEX, family_model
 
-from prefixdpo.model.masks import build_layer_masks
 
 P, C1, C2 = 7, 5, 9  # prompt, chosen, rejected lengths
 
 
-def run(model, rows: list[tuple[list[int], list[int], list[int], list[int]]], attention="dense"):
+def run(model, rows: list[tuple[list[int], list[int], list[int], list[int]]], executor=DENSE):
     """rows: (tokens, positions, segment_ids, document_ids) per row, padded to one length."""
     tensors = [torch.tensor([r[i] for r in rows]) for i in range(4)]
     tokens, positions, segments, documents = tensors
-    masks = build_layer_masks(documents, segments, positions, model.config.attention_windows,
-                              executor=attention)
+    masks = executor.layer_masks(documents, segments, positions, model.config.attention_windows)
     return model(tokens, positions, masks)
 
 
@@ -107,6 +105,6 @@ def test_flex_attention_forward_equals_dense(model):
     rows = [shared_row(prompt, chosen, rejected, pad_to=128, other=[9, 8, 7]),
             shared_row(prompt, chosen, rejected, pad_to=128)]
     with torch.no_grad():
-        dense = run(model, rows, attention="dense")
-        flex = run(model, rows, attention="flex")
+        dense = run(model, rows, executor=DENSE)
+        flex = run(model, rows, executor=FLEX)
     assert (dense - flex).abs().max() <= 1e-5

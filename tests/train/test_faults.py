@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import random_examples, tiny_config
+from conftest import DENSE, random_examples, tiny_config
 from safetensors import SafetensorError
 
 import prefixdpo.train.checkpoint as checkpoint_module
@@ -398,7 +398,7 @@ def test_stop_request_is_read_at_the_end_of_the_step():
     model = build_model(tiny_config(), seed=0)
     examples, report = fit_examples(random_examples(8, 200), "shared+packed", 128, "error")
     table, _ = score_sequences(model, examples, layout="shared+packed", packing_length=128,
-                               micro_batch_size=4, device=CPU.device, attention="dense",
+                               micro_batch_size=4, device=CPU.device, executor=DENSE,
                                progress=False)
     loader = PreferenceLoader(examples, "shared+packed", 4, 1, packing_length=128,
                               pad_multiple=8)
@@ -411,7 +411,7 @@ def test_stop_request_is_read_at_the_end_of_the_step():
         model, next(iter(loader)), reference=TableReference(table.float()),
         loss_config=LossConfig(), loss_state=LossState(),
         optimizer=build_optimizer(model, OptimSection(lr=1e-2), CPU.device), max_grad_norm=0.0,
-        env=CPU, attention="dense", stop_requested=asked)
+        env=CPU, executor=DENSE, stop_requested=asked)
     assert seen_gradients == [True] and result.stop_requested
 
 

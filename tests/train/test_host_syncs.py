@@ -27,7 +27,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from conftest import random_examples, tiny_config
+from conftest import DENSE, random_examples, tiny_config
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import prefixdpo.kernels.log_probs as log_probs_module
@@ -251,11 +251,11 @@ def test_forward_and_backward_do_not_sync(as_on_cuda, config_name, layout, refer
     batch = next(iter(loader))[0]
     assert batch.num_pairs > 0
     with watch_syncs():
-        masks = attention_masks(batch, model.config, attention="dense")
+        masks = attention_masks(batch, model.config, executor=DENSE)
         losses, metrics, _ = pair_losses(model, batch, reference, LossConfig(), LossState(),
-                                         attention="dense")
+                                         executor=DENSE)
         losses.sum().backward()
-    assert all(mask.shape[-1] == batch.input_ids.shape[1] for mask in masks.values())
+    assert all(mask.shape[-1] == batch.input_ids.shape[1] for mask in masks.by_window.values())
     assert losses.shape == (batch.num_pairs,) and torch.isfinite(losses).all()
     assert all(p.grad is not None for p in model.parameters())
 
@@ -272,7 +272,7 @@ def test_losses_do_not_sync(as_on_cuda, loss_type):
     with watch_syncs():
         for _ in range(2):  # bco_pair: a second call reads the state the first one left
             losses, _, state = pair_losses(model, batch, TableReference(table), config, state,
-                                           attention="dense")
+                                           executor=DENSE)
             losses.sum().backward()
 
 
@@ -290,7 +290,7 @@ def test_ld_alpha_weighting_and_f_divergence_do_not_sync(as_on_cuda, reference_k
                         f_divergence_type="js_divergence", rpo_alpha=0.5)
     with watch_syncs():
         losses, _, _ = pair_losses(model, batch, reference, config, LossState(),
-                                   attention="dense")
+                                   executor=DENSE)
         losses.sum().backward()
     assert torch.isfinite(losses).all()
 
@@ -307,7 +307,7 @@ def test_a_train_step_reads_the_device_once(as_on_cuda):
     with watch_syncs(events):
         result, _ = train_step(model, step, reference=TableReference(table),
                                loss_config=LossConfig(), loss_state=LossState(),
-                               optimizer=optimizer, max_grad_norm=1.0, env=CPU, attention="dense")
+                               optimizer=optimizer, max_grad_norm=1.0, env=CPU, executor=DENSE)
     assert events == ["Tensor.tolist"]
     assert result.finite and result.num_pairs == step.num_pairs
 
@@ -321,7 +321,7 @@ def test_evaluate_reads_the_device_once(as_on_cuda):
     with watch_syncs(events):
         metrics = evaluate(model, loader, reference=TableReference(table),
                            loss_config=LossConfig(), loss_state=LossState(), env=CPU,
-                           attention="dense")
+                           executor=DENSE)
     assert events == ["Tensor.tolist"]
     assert metrics["eval/loss"] > 0
 
@@ -334,4 +334,4 @@ def test_the_kernels_check_values_on_the_device_off_cpu():
     with pytest.raises(HostSync, match="local_scalar_dense|Tensor.__bool__"):
         with watch_syncs():
             pair_losses(model, batch, TableReference(table), LossConfig(), LossState(),
-                        attention="dense")
+                        executor=DENSE)

@@ -14,7 +14,7 @@ import tomllib
 
 import pytest
 import torch
-from conftest import causal_logits, random_examples, tiny_config
+from conftest import DENSE, causal_logits, random_examples, tiny_config
 from safetensors.torch import load_file
 from test_runs import REPO, load_model_initial, losses, run, run_config  # noqa: F401
 
@@ -145,7 +145,7 @@ def test_first_loss_is_ln2_and_only_adapters_learn():
     batches = iter(loader)
     result, _ = train_step(model, next(batches), reference=reference, loss_config=LossConfig(),
                            loss_state=LossState(), optimizer=optimizer, max_grad_norm=0.0,
-                           env=CPU, attention="dense")
+                           env=CPU, executor=DENSE)
     assert abs(result.loss - math.log(2)) < 1e-6
     for name, param in model.named_parameters():
         moved = not torch.equal(param, before[name])
@@ -153,7 +153,7 @@ def test_first_loss_is_ln2_and_only_adapters_learn():
         assert moved == name.endswith("lora_B.weight"), name
     result, _ = train_step(model, next(batches), reference=reference, loss_config=LossConfig(),
                            loss_state=LossState(), optimizer=optimizer, max_grad_norm=0.0,
-                           env=CPU, attention="dense")
+                           env=CPU, executor=DENSE)
     assert result.loss != pytest.approx(math.log(2), abs=1e-4)  # the policy left the base
     for name, param in model.named_parameters():
         assert torch.equal(param, before[name]) == ("lora_" not in name), name
@@ -166,7 +166,7 @@ def test_gradients_reach_only_adapters():
             if isinstance(module, LoRALinear):
                 module.lora_B.weight.normal_(0, 0.02)
     batch = next(iter(loader)).batches[0]
-    losses, _, _ = pair_losses(model, batch, reference, LossConfig(), LossState(), "dense")
+    losses, _, _ = pair_losses(model, batch, reference, LossConfig(), LossState(), DENSE)
     losses.sum().backward()
     for name, param in model.named_parameters():
         if "lora_" in name:
@@ -185,7 +185,7 @@ def test_adapters_off_reference_is_the_base_model():
                 module.lora_B.weight.normal_(0, 0.05)
     plain = build_model(tiny_config(), seed=0)
     batch = next(iter(loader)).batches[0]
-    mask = attention_masks(batch, plain.config, "dense")
+    mask = attention_masks(batch, plain.config, DENSE)
     with torch.no_grad():
         expected = batch_sequence_log_probs(plain, batch, mask)[0]
         adapted_logps = batch_sequence_log_probs(model, batch, mask)[0]
@@ -280,7 +280,7 @@ def sharded_lora_grads(env, activation_checkpointing: bool) -> dict[str, torch.T
     batch = next(iter(loader)).batches[0]
     torch.manual_seed(0)  # the dropout masks
     logps, _ = batch_sequence_log_probs(model, batch, attention_masks(batch, model.config,
-                                                                      "dense"))
+                                                                      DENSE))
     logps.sum().backward()
     return {n.replace("_checkpoint_wrapped_module.", ""): p.grad.full_tensor().clone()
             for n, p in model.named_parameters() if p.grad is not None}

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import FSDPModule
-from conftest import random_examples, reshards_after_forward, tiny_config
+from conftest import DENSE, random_examples, reshards_after_forward, tiny_config
 
 from prefixdpo.data.loader import PreferenceLoader, fit_examples
 from prefixdpo.model.transformer import build_model
@@ -39,7 +39,7 @@ def batch(vocab: int):
 
 
 def loss_and_grads(model, b):
-    logps, _ = batch_sequence_log_probs(model, b, attention_masks(b, model.config, "dense"))
+    logps, _ = batch_sequence_log_probs(model, b, attention_masks(b, model.config, DENSE))
     logps.sum().backward()
     grads = {}
     for name, p in model.named_parameters():
@@ -103,7 +103,7 @@ def test_no_grad_pass_leaves_sharded_parameters_registered(env):
     before = [id(p) for p in sharded.parameters()]
     b = batch(sharded.config.vocab_size)
     with torch.no_grad():
-        batch_sequence_log_probs(sharded, b, attention_masks(b, sharded.config, "dense"))
+        batch_sequence_log_probs(sharded, b, attention_masks(b, sharded.config, DENSE))
     reshard(sharded)
     assert [id(p) for p in sharded.parameters()] == before
 
@@ -165,7 +165,7 @@ def test_synced_reference_mixes_the_sharded_weights(env, tied):
                          mixed_precision=False, reshard_after_forward=True)
     live = LiveReference(frozen)
     b = batch(config.vocab_size)
-    mask = attention_masks(b, config, attention="dense")
+    mask = attention_masks(b, config, executor=DENSE)
     live(b, mask)
     full = {name: p.full_tensor().clone() for name, p in frozen.named_parameters()}
     target = {name: p.full_tensor().clone() for name, p in policy.named_parameters()}

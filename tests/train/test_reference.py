@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import torch
-from conftest import random_examples, tiny_config
+from conftest import DENSE, random_examples, tiny_config
 from safetensors.torch import load_file, save_file
 
 from prefixdpo.data.example import Example, Group
@@ -71,7 +71,7 @@ def test_reference_is_scored_in_the_training_row_shape(tmp_path):
     model.register_forward_pre_hook(lambda module, args: shapes.add(tuple(args[0].shape)))
     table = reference_log_probs(model, examples, key="k", run_dir=tmp_path / "run",
                                 cache_dir=tmp_path / "cache", name="train", micro_batch_size=2,
-                                packing_length=512, device=CPU, attention="dense", rank=0,
+                                packing_length=512, device=CPU, executor=DENSE, rank=0,
                                 world_size=1, log=lambda *a: None)
     assert shapes == {(2, 512)}
     assert table.shape == (sum(e.num_sequences for e in examples),)

@@ -355,7 +355,7 @@ def wpo_first_loss(config_path: Path, *overrides: str) -> float:
     from prefixdpo.model.transformer import build_model
     from prefixdpo.train.build import ModelSource, load_run_data, tokenizer_for
     from prefixdpo.train.config import load_config
-    from prefixdpo.train.scoring import row_multiple
+    from prefixdpo.model.executor import AttentionExecutor
 
     config = load_config(config_path, list(overrides))
     source = ModelSource.from_section(config.model)
@@ -364,7 +364,8 @@ def wpo_first_loss(config_path: Path, *overrides: str) -> float:
     loader = PreferenceLoader(data.train, config.data.layout, config.train.micro_batch_size,
                               config.train.grad_accum, seed=config.train.seed,
                               packing_length=data.fit.packing_length,
-                              pad_multiple=row_multiple("documents"), prefetch=0)
+                              pad_multiple=AttentionExecutor("documents").row_multiple,
+                              prefetch=0)
     iterator = iter(loader)
     step = next(iterator)
     iterator.close()

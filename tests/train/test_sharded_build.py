@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 REPO = Path(__file__).resolve().parents[2]
 
-from conftest import (FAMILIES, HF_VARIANTS, make_hf_model, random_examples,
+from conftest import (DENSE, FAMILIES, HF_VARIANTS, make_hf_model, random_examples,
                       reshards_after_forward, tiny_config)
 
 from prefixdpo.model.hf_checkpoint import load_model, save_hf_checkpoint  # noqa: E402
@@ -244,7 +244,7 @@ def _compare_numerics(model, plain, frozen: bool) -> dict:
     from prefixdpo.train.reference import LiveReference
 
     b = _batch(plain.config.vocab_size)
-    mask = attention_masks(b, plain.config, attention="dense")
+    mask = attention_masks(b, plain.config, executor=DENSE)
     if frozen:
         with torch.no_grad():
             expected = batch_sequence_log_probs(plain, b, mask)[0]

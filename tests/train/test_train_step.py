@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from conftest import random_examples, tiny_config
+from conftest import DENSE, random_examples, tiny_config
 
 from prefixdpo.data.loader import PreferenceLoader, StepBatches, fit_examples
 from prefixdpo.model.transformer import build_model
@@ -30,7 +30,7 @@ def setup_run(layout="shared+packed", micro_batch_size=8, grad_accum=1, seed=0):
     examples, report = fit_examples(random_examples(48, model.config.vocab_size, seed=seed),
                                     layout, 128, "error")
     table, _ = score_sequences(model, examples, layout="shared+packed", packing_length=128,
-                               micro_batch_size=4, device=CPU.device, attention="dense",
+                               micro_batch_size=4, device=CPU.device, executor=DENSE,
                                progress=False)
     loader = PreferenceLoader(examples, layout, micro_batch_size, grad_accum,
                               packing_length=report.packing_length, pad_multiple=8, seed=1)
@@ -41,7 +41,7 @@ def step(model, reference, batches, loss=LossConfig(), optimizer=None):
     optimizer = optimizer or build_optimizer(model, OptimSection(lr=1e-2), CPU.device)
     return train_step(model, batches, reference=reference, loss_config=loss,
                       loss_state=LossState(), optimizer=optimizer, max_grad_norm=0.0, env=CPU,
-                      attention="dense")[0]
+                      executor=DENSE)[0]
 
 
 @pytest.mark.parametrize("layout", ["shared+packed", "paired"])
@@ -112,7 +112,7 @@ def test_loss_is_divided_by_the_pair_count_that_comes_with_the_step():
         result, _ = train_step(
             model, StepBatches(list(batches), num_pairs, 7), reference=reference,
             loss_config=LossConfig(), loss_state=LossState(), optimizer=sgd, max_grad_norm=0.0,
-            env=CPU, attention="dense")
+            env=CPU, executor=DENSE)
         assert result.num_pairs == num_pairs and result.num_tokens == 7
         losses.append(result.loss)
         grads.append(result.metrics["grad_norm"])

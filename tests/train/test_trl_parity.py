@@ -31,6 +31,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import DENSE, DOCUMENTS
 from torch import nn
 
 trl = pytest.importorskip("trl", reason="TRL is in the test extra: pip install -e '.[test]'")
@@ -223,7 +224,7 @@ def our_reference(kind: str, stand_in: OurStandIn, examples: list[Example], ld: 
     if kind == "live":
         return LiveReference(stand_in)
     scored = score_sequences(stand_in, examples, layout="shared+packed", packing_length=512,
-                             micro_batch_size=1, device=torch.device("cpu"), attention="dense",
+                             micro_batch_size=1, device=torch.device("cpu"), executor=DENSE,
                              progress=False, shared_prefix=ld)
     return TableReference(scored[0].float(), scored[2].float() if ld else None)
 
@@ -260,7 +261,7 @@ def run_both(case: dict, our_changes: dict | None = None, seed: int = 0):
     ref = our_reference(case.get("reference", "table"), OurStandIn(reference), examples,
                         config.uses_ld)
     losses, metrics, _ = pair_losses(OurStandIn(policy, log_sum_sq), batch, ref, config,
-                                     LossState(), attention="dense")
+                                     LossState(), executor=DENSE)
     our_loss = losses.sum() / batch.num_pairs
     our_grad, = torch.autograd.grad(our_loss, policy)
     our_metrics = {name: metrics[name].mean().item() for name in METRICS}
@@ -524,7 +525,7 @@ def run_ours_two_steps(folder, examples: list[Example], options: dict, workdir) 
         table = reference_log_probs(
             model, examples, key="trl-parity", run_dir=workdir / "ours", cache_dir=workdir,
             name="train", micro_batch_size=1, packing_length="auto", device=env.device,
-            attention="documents", rank=0, world_size=1, log=lambda *args: None,
+            executor=DOCUMENTS, rank=0, world_size=1, log=lambda *args: None,
             shared_prefix=config.uses_ld)
         reference = TableReference(*table) if config.uses_ld else TableReference(table)
     step_batches = StepBatches.single_process([one_row_batch(examples)])
@@ -533,7 +534,7 @@ def run_ours_two_steps(folder, examples: list[Example], options: dict, workdir) 
     for step in (1, 2):
         result, state = train_step(model, step_batches, reference=reference, loss_config=config,
                                    loss_state=state, optimizer=optimizer, max_grad_norm=0.0,
-                                   env=env, attention="documents")
+                                   env=env, executor=DOCUMENTS)
         assert sync_reference(reference, model, step, section) == section.sync_ref_model
         logged.append({"loss": result.loss, **result.metrics})
     return logged
