@@ -813,7 +813,10 @@ def main(argv: list[str] | None = None) -> int:
                   "parts": args.parts, "plan": dataclasses.asdict(plan),
                   "_start": time.monotonic()},
         "parts": {}}
-    runner = Runner(out, time.monotonic() + budget, child_environment(), args.out)
+    env = child_environment()
+    if args.dry_run:  # the CPU suite rehearses the GPU tests themselves; here they skip
+        env["PREFIXDPO_GPU_REHEARSAL"] = "0"
+    runner = Runner(out, time.monotonic() + budget, env, args.out)
     ctx = Context(plan, out, runner, models, report)
     runner.say(f"GPU suite{' (dry run on the CPU)' if args.dry_run else ''}: "
                f"{env_info.get('gpu') or 'no GPU'}, torch {env_info['torch']}, "

@@ -19,8 +19,9 @@ executor elsewhere.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -50,13 +51,15 @@ compiled_cpu_flex_attention = torch.compile(flex_attention, dynamic=False)
 @dataclass(frozen=True, eq=False)
 class AttentionExecutor:
     """How attention runs (see the module docstring). `block_size` and `flex_backend` concern
-    FlexAttention only; a backend this machine cannot run is refused here, with a ValueError."""
+    FlexAttention only; a backend this machine cannot run is refused here, with a ValueError.
+
+    Only the four fields make one: FSDP's mixed precision rebuilds the dataclasses among a
+    module's inputs from their fields (`dataclasses.replace`), once per unit and forward."""
 
     name: str
     flex_backend: str = "triton"
     block_size: int = FLEX_BLOCK_SIZE
     compile_cpu: bool = False
-    kernel_options: Mapping[str, Any] | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         if self.name not in EXECUTORS:
@@ -67,11 +70,15 @@ class AttentionExecutor:
             raise ValueError(f"FlexAttention block size {size}: expected a power of two from "
                              f"16 to {FLEX_BLOCK_SIZE} (rows are padded to multiples of "
                              f"{FLEX_BLOCK_SIZE})")
-        if self.name == "flex":
-            object.__setattr__(self, "kernel_options",
-                               flex_kernel_options(self.flex_backend, size))
-            if size < FLEX_BLOCK_SIZE:
-                fit_flex_configs(size)
+        options = _kernel_options(self.flex_backend, size) if self.name == "flex" else None
+        object.__setattr__(self, "_kernel_options", options)
+        if self.name == "flex" and size < FLEX_BLOCK_SIZE:
+            fit_flex_configs(size)
+
+    @property
+    def kernel_options(self) -> Mapping[str, Any] | None:
+        """FlexAttention's `kernel_options` (None: torch's own choice)."""
+        return self._kernel_options
 
     @property
     def row_multiple(self) -> int:
@@ -104,11 +111,15 @@ class AttentionExecutor:
             flex = compiled_flex_attention if q.is_cuda else \
                 compiled_cpu_flex_attention if self.compile_cpu else flex_attention
             return flex(q, k, v, block_mask=mask, scale=scale, enable_gqa=True,
-                        kernel_options=self.kernel_options)
+                        kernel_options=self._kernel_options)
         if self.name == "documents":
             return document_attention(q, k, v, mask, scale)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
                                               enable_gqa=True)
+
+
+# Checked once per process and setting (the executor is rebuilt often, see its docstring).
+_kernel_options = functools.cache(flex_kernel_options)
 
 
 @dataclass(frozen=True, eq=False)

@@ -85,7 +85,7 @@ def test_gpu_tests_are_collected_and_skip_without_cuda(dry_run):
         assert test_id in tests, test_id
         assert f"`{test_id}`" in markdown
     assert results["counts"] == {"skipped": len(tests)}
-    assert all(t["message"] == "needs a CUDA device" for t in tests.values())
+    assert all(t["message"].startswith("needs a CUDA device") for t in tests.values())
     assert f"{len(tests)} skipped" in results["summary"]
 
 

@@ -20,16 +20,19 @@ Tolerances are relative norms ||a - b|| / ||b|| per tensor.
   gradients equal those without it to 1e-4 (rounding of a differently fused recomputation;
   a recomputation without the prefix-sharing mask is off by ~1e-2); in mixed precision by the
   bfloat16 rule above, against the same model without checkpointing.
+
+In a CPU rehearsal (cuda_helpers.py): gloo, the documents executor, bfloat16 on the CPU, and
+the layers uncompiled (compilation is rehearsed by test_flex_cuda.py).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from cuda_helpers import (CUDA_MARKS, FLOAT32_TOLERANCE, cuda_config, first_batch, full_grads,
-                          no_tf32, one_rank_group, relative, within_bf16_noise)
+from cuda_helpers import (CUDA_MARKS, DENSE, DEVICE, FLOAT32_TOLERANCE, TRAIN_EXECUTOR,
+                          cuda_config, first_batch, logps_and_grads, no_tf32, one_rank_group,
+                          relative, within_bf16_noise)
 
-from prefixdpo.model.executor import AttentionExecutor
 from prefixdpo.model.transformer import build_model
 
 pytestmark = CUDA_MARKS
@@ -41,26 +44,14 @@ def env():
         yield env
 
 
-def logps_and_grads(model, batch, attention: str) -> tuple[torch.Tensor, dict]:
-    """Target log-probs and the gradients of a fixed random weighting of them."""
-    model.zero_grad(set_to_none=True)
-    masks = AttentionExecutor(attention).layer_masks(batch.document_ids, batch.segment_ids,
-                                                     batch.positions, model.config.attention_windows)
-    logps = model(batch.input_ids, batch.positions, masks, batch.target_index, batch.target_ids)
-    weights = torch.randn(logps.shape, generator=torch.Generator().manual_seed(3))
-    (logps * weights.to(logps.device)).sum().backward()
-    grads = full_grads(model)
-    model.zero_grad(set_to_none=True)
-    return logps.detach().float(), grads
-
-
 def trainer_model(config, env, *, mixed_precision: bool = True,
                   activation_checkpointing: bool = False):
     from prefixdpo.train.parallelize import parallelize
 
     return parallelize(build_model(config, env.device, seed=0), env.mesh,
                        mixed_precision=mixed_precision,
-                       activation_checkpointing=activation_checkpointing, compile=True)
+                       activation_checkpointing=activation_checkpointing,
+                       compile=DEVICE.type == "cuda")
 
 
 def test_sharded_mixed_precision_compiled_flex_matches_plain_bfloat16(env):
@@ -70,11 +61,11 @@ def test_sharded_mixed_precision_compiled_flex_matches_plain_bfloat16(env):
     batch = first_batch(config, env.device)
     with no_tf32():
         truth, truth_grads = logps_and_grads(build_model(config, env.device, seed=0), batch,
-                                             attention="dense")
+                                             DENSE)
         plain, plain_grads = logps_and_grads(
-            build_model(config, env.device, torch.bfloat16, seed=0), batch, attention="dense")
+            build_model(config, env.device, torch.bfloat16, seed=0), batch, DENSE)
         sharded = trainer_model(config, env)
-        ours, our_grads = logps_and_grads(sharded, batch, attention="flex")
+        ours, our_grads = logps_and_grads(sharded, batch, TRAIN_EXECUTOR)
     assert all(type(p).__name__ == "DTensor" for p in sharded.parameters())
     assert our_grads.keys() == plain_grads.keys() == truth_grads.keys()
     noise = relative(plain, truth)
@@ -93,17 +84,18 @@ def test_activation_checkpointing_keeps_values_and_gradients(env):
     torch._dynamo.reset()
     config = cuda_config()
     batch = first_batch(config, env.device)
+    executor = TRAIN_EXECUTOR
     with no_tf32():
         # float32 (mixed_precision=False): the recomputation must reproduce the forward.
         fp32, fp32_grads = logps_and_grads(trainer_model(config, env, mixed_precision=False),
-                                           batch, attention="flex")
+                                           batch, executor)
         fp32_ac, fp32_ac_grads = logps_and_grads(
             trainer_model(config, env, mixed_precision=False, activation_checkpointing=True),
-            batch, attention="flex")
+            batch, executor)
         # bfloat16 mixed precision, as the trainer runs on CUDA.
-        bf16, bf16_grads = logps_and_grads(trainer_model(config, env), batch, attention="flex")
+        bf16, bf16_grads = logps_and_grads(trainer_model(config, env), batch, executor)
         bf16_ac, bf16_ac_grads = logps_and_grads(
-            trainer_model(config, env, activation_checkpointing=True), batch, attention="flex")
+            trainer_model(config, env, activation_checkpointing=True), batch, executor)
     assert fp32_ac_grads.keys() == fp32_grads.keys() == bf16_ac_grads.keys()
     assert relative(fp32_ac, fp32) <= FLOAT32_TOLERANCE
     assert within_bf16_noise(relative(bf16_ac, bf16), relative(bf16, fp32))

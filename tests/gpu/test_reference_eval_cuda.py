@@ -16,6 +16,9 @@ about a nat or more.
   within 2 * beta * SEQUENCE_NATS. The reference is the model's own float32 table shifted per
   sequence by distinct multiples of 1.5 nats, so every margin is at least 0.15 from zero,
   far beyond the 0.02 bf16 can move it: the reward accuracy must be exactly equal.
+
+In a CPU rehearsal (cuda_helpers.py) the "CUDA" side is the same trainer's model on gloo in
+float32 with the documents executor, uncompiled; the CPU side is unchanged.
 """
 
 from __future__ import annotations
@@ -24,11 +27,11 @@ import copy
 
 import pytest
 import torch
-from cuda_helpers import (CUDA_MARKS, LENGTH, SEQUENCE_NATS, cuda_config, fitted_examples,
+from cuda_helpers import (COMPUTE_DTYPE, CUDA_MARKS, DENSE, DEVICE, LENGTH, MIXED_PRECISION,
+                          SEQUENCE_NATS, TRAIN_EXECUTOR, cuda_config, fitted_examples,
                           loader_for, one_rank_group)
 
 from prefixdpo.data.layout import Numbering
-from prefixdpo.model.executor import AttentionExecutor
 from prefixdpo.model.transformer import build_model
 from prefixdpo.train.losses import LossConfig, LossState
 from prefixdpo.train.scoring import score_sequences
@@ -49,9 +52,9 @@ def frozen_reference_model(config, env):
     frozen, compiled, sharded, resharded after each forward (no backward frees them)."""
     from prefixdpo.train.parallelize import freeze, parallelize
 
-    model = build_model(config, env.device, torch.bfloat16, seed=0)
-    return parallelize(freeze(model), env.mesh, mixed_precision=False, compile=True,
-                       reshard_after_forward=True)
+    model = build_model(config, env.device, COMPUTE_DTYPE, seed=0)
+    return parallelize(freeze(model), env.mesh, mixed_precision=False,
+                       compile=DEVICE.type == "cuda", reshard_after_forward=True)
 
 
 @pytest.mark.parametrize("layout", ["shared+packed", "paired"])
@@ -65,14 +68,14 @@ def test_live_reference_equals_the_precomputed_table(env, layout):
     model = frozen_reference_model(config, env)
     table, counts = score_sequences(model, examples, layout="shared+packed",
                                     packing_length=LENGTH, micro_batch_size=2,
-                                    device=env.device, executor=AttentionExecutor("flex"), progress=False)
+                                    device=env.device, executor=TRAIN_EXECUTOR, progress=False)
     assert bool((counts > 0).all())
     live = LiveReference(model)
     loader = loader_for(examples, layout, rows=4, seed=3, shuffle=True)
     got, expected = [], []
     for micro_batch in loader.micro_batch_plan(0)[:8]:
         batch = loader.build(micro_batch).to(env.device)
-        got.append(live(batch, attention_masks(batch, config, executor=AttentionExecutor("flex"))))
+        got.append(live(batch, attention_masks(batch, config, executor=TRAIN_EXECUTOR)))
         expected.append(table[batch.sequence_ids].float())
     got, expected = torch.cat(got), torch.cat(expected)
     assert got.dtype == torch.float32 and len(got) > 20
@@ -108,18 +111,18 @@ def test_evaluate_on_cuda_matches_cpu_float32(env):
     cpu_model = build_model(config, cpu, seed=0)
     table, _ = score_sequences(cpu_model, examples, layout="shared+packed",
                                packing_length=LENGTH, micro_batch_size=2, device=cpu,
-                               executor=AttentionExecutor("dense"), progress=False)
+                               executor=DENSE, progress=False)
     reference = reference_with_margins(table, examples)
     common = dict(loss_config=LossConfig(), loss_state=LossState())
 
     cpu_env = Distributed(rank=0, world_size=1, local_rank=0, device=cpu, mesh=None)
     expected = evaluate(cpu_model, loader_for(examples), reference=TableReference(reference),
-                        env=cpu_env, executor=AttentionExecutor("dense"), **common)
+                        env=cpu_env, executor=DENSE, **common)
     cuda_model = parallelize(copy.deepcopy(cpu_model).to(env.device), env.mesh,
-                             mixed_precision=True, compile=True)
+                             mixed_precision=MIXED_PRECISION, compile=DEVICE.type == "cuda")
     got = evaluate(cuda_model, loader_for(examples, pin_memory=True),
                    reference=TableReference(reference.to(env.device)), env=env,
-                   executor=AttentionExecutor("flex"), **common)
+                   executor=TRAIN_EXECUTOR, **common)
 
     assert got.keys() == expected.keys()
     assert 0.0 < expected["eval/rewards/accuracies"] < 1.0  # margins of both signs
