@@ -101,7 +101,7 @@ def train_step(model: torch.nn.Module, batches: StepBatches, *, reference: Refer
                         "single process: StepBatches.single_process(batches))")
     device = env.device
     scale = env.world_size / max(batches.num_pairs, 1)
-    loss_state = _loss_state_on(loss_state, device)
+    loss_state = loss_state.to(device)
     # [loss, *PAIR_METRICS], summed over micro-batches.
     sums = torch.zeros(1 + len(PAIR_METRICS), dtype=torch.float64, device=device)
     # Gradients are reduce-scattered after every micro-batch (FSDP's default): deferring it
@@ -119,8 +119,7 @@ def train_step(model: torch.nn.Module, batches: StepBatches, *, reference: Refer
     sums = torch.cat([sums, torch.full((1,), float(stop), dtype=sums.dtype, device=device)])
     if env.world_size > 1:
         torch.distributed.all_reduce(sums)
-        if "bco_pair" in loss_config.type and loss_config.bco_running_mean:
-            loss_state = _average_over_ranks(loss_state, device)
+        loss_state = loss_state.synchronized(loss_config)
     grad_norm = _clip_grad_norm(model, max_grad_norm, device)
     *totals, stops, grad_norm = torch.cat([sums, grad_norm.reshape(1).double()]).tolist()
     totals = [total / max(batches.num_pairs, 1) for total in totals]
@@ -133,31 +132,6 @@ def train_step(model: torch.nn.Module, batches: StepBatches, *, reference: Refer
     metrics["grad_norm"] = grad_norm
     return StepResult(loss, metrics, batches.num_pairs, batches.num_tokens, finite,
                       stops > 0), loss_state
-
-
-def _loss_state_on(state: LossState, device: torch.device) -> LossState:
-    """The state with its running mean on `device`, so bco_pair never copies it there inside
-    a micro-batch (a blocking copy: a host sync). The copy is asynchronous: the host tensor is
-    never written again."""
-    if state.reward_mean.device == device:
-        return state
-    return LossState(state.reward_mean.to(device, non_blocking=True), state.num_updates)
-
-
-def _average_over_ranks(state: LossState, device: torch.device) -> LossState:
-    """bco_pair's running mean, made the same on every rank after each step (each rank updates
-    it from its own micro-batches), so the one saved with a checkpoint is every rank's: the
-    update-weighted mean of the ranks' means, and the largest update count. Runs after the
-    step's backward passes; the mean stays on the device."""
-    n = float(state.num_updates)
-    parts = torch.stack([state.reward_mean.to(device, torch.float64) * n,
-                         torch.full((), n, dtype=torch.float64, device=device)])
-    torch.distributed.all_reduce(parts)
-    weighted, total = parts.unbind()
-    mean = torch.where(total > 0, weighted / total.clamp(min=1.0), 0.0).float()
-    count = torch.full((1,), state.num_updates, dtype=torch.int64, device=device)
-    torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
-    return LossState(mean, int(count.item()))
 
 
 def _clip_grad_norm(model: torch.nn.Module, max_norm: float, device: torch.device
@@ -180,7 +154,7 @@ def evaluate(model: torch.nn.Module, loader: PreferenceLoader, *, reference: Ref
              executor: AttentionExecutor) -> dict[str, float]:
     """Loss and reward metrics over the held-out examples (each once, sharded by rank). The
     batches are queued without host reads; the sums are read once, at the end."""
-    loss_state = _loss_state_on(loss_state, env.device)
+    loss_state = loss_state.to(env.device)
     # [loss, *PAIR_METRICS]; the pair count is a host int, joined to them after the loop.
     sums = torch.zeros(1 + len(PAIR_METRICS), dtype=torch.float64, device=env.device)
     num_pairs = 0

@@ -166,6 +166,11 @@ class LossConfig:
         """Whether LD-DPO changes the log-probs (ld_alpha < 1)."""
         return self.ld_alpha < 1.0
 
+    @property
+    def carries_state(self) -> bool:
+        """Whether `preference_loss` advances a `LossState` (bco_pair's running mean)."""
+        return "bco_pair" in self.type and self.bco_running_mean
+
 
 @dataclass(frozen=True, eq=False)
 class LossState:
@@ -174,11 +179,38 @@ class LossState:
     `reward_mean` is the mean, over all `preference_loss` calls so far, of each call's mean
     reward beta * (pi - ref) over its chosen and rejected completions (TRL's `RunningMoments`
     fed one batch mean per step). The caller owns it: keep the returned state, save
-    `state_dict()` with checkpoints. Ranks keep their own; all-reducing the mean across ranks
-    (as TRL's gather does) is the caller's choice."""
+    `state_dict()` with checkpoints. Ranks keep their own between `synchronized` calls (TRL
+    gathers the rewards of all ranks instead)."""
 
     reward_mean: Tensor = field(default_factory=lambda: torch.zeros(()))
     num_updates: int = 0
+
+    def to(self, device: torch.device) -> LossState:
+        """The state with its mean on `device`, so that a loss never copies it there inside a
+        micro-batch (a blocking copy: a host sync). Asynchronous: the source is never written
+        again."""
+        if self.reward_mean.device == device:
+            return self
+        return LossState(self.reward_mean.to(device, non_blocking=True), self.num_updates)
+
+    def synchronized(self, config: LossConfig) -> LossState:
+        """The state made the same on every rank after a step, where `config`'s losses carry
+        one (each rank advances its own from its own micro-batches), so the one saved with a
+        checkpoint is every rank's: the update-weighted mean of the ranks' means and the
+        largest update count. Collective when there is a state to share: call it on every
+        rank, after the step's backward passes; the mean stays on its device."""
+        if not config.carries_state:
+            return self
+        device = self.reward_mean.device
+        n = float(self.num_updates)
+        parts = torch.stack([self.reward_mean.to(torch.float64) * n,
+                             torch.full((), n, dtype=torch.float64, device=device)])
+        torch.distributed.all_reduce(parts)
+        weighted, total = parts.unbind()
+        mean = torch.where(total > 0, weighted / total.clamp(min=1.0), 0.0).float()
+        count = torch.full((1,), self.num_updates, dtype=torch.int64, device=device)
+        torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+        return LossState(mean, int(count.item()))
 
     def state_dict(self) -> dict[str, float | int]:
         return {"reward_mean": float(self.reward_mean), "num_updates": self.num_updates}

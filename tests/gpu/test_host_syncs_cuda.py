@@ -55,7 +55,7 @@ def test_forward_and_backward_do_not_synchronize(env):
     table = (-100.0 * torch.rand(num_sequences, generator=torch.Generator().manual_seed(0))
              - 1.0).to(env.device)
     reference = TableReference(table)
-    loss_state = LossState(LossState().reward_mean.to(env.device))  # as train_step keeps it
+    loss_state = LossState().to(env.device)  # as train_step keeps it
 
     def micro_batch(host_batch):
         """One micro-batch as `train_step` runs it (the loss normalized by its pairs)."""

@@ -168,6 +168,43 @@ def test_state_passes_through_losses_without_statistics():
     state = LossState(torch.tensor(3.0), 7)
     _, _, returned, _ = run(LossConfig(), state=state)
     assert returned is state
+    # Nothing to share between ranks either: no collective (there is no process group here).
+    assert not LossConfig(type=("bco_pair",)).carries_state
+    assert state.synchronized(LossConfig(type=("bco_pair",))) is state
+    assert state.to(torch.device("cpu")) is state
+
+
+def _synchronize_on_rank(rank: int, store_path: str, results) -> None:
+    """Rank 0 has done 3 updates with mean 1.0, rank 1 one update with mean 5.0."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank,
+                            world_size=2)
+    try:
+        state = LossState(torch.tensor([1.0, 5.0][rank]), [3, 1][rank])
+        synced = state.synchronized(LossConfig(type=("bco_pair",), bco_running_mean=True))
+        results.put((rank, synced.reward_mean.item(), synced.num_updates))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_running_mean_is_shared_by_the_ranks(tmp_path):
+    """After a step every rank holds the update-weighted mean of the ranks' means,
+    (3 x 1.0 + 1 x 5.0) / 4 = 2.0, and the largest update count, 3."""
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    processes = [context.Process(target=_synchronize_on_rank,
+                                 args=(rank, str(tmp_path / "store"), results))
+                 for rank in range(2)]
+    for process in processes:
+        process.start()
+    got = sorted(results.get(timeout=120) for _ in processes)
+    for process in processes:
+        process.join(timeout=60)
+    assert got == [(0, pytest.approx(2.0), 3), (1, pytest.approx(2.0), 3)]
 
 
 def test_apo_zero():
