@@ -102,11 +102,10 @@ import torch.distributed as dist
 from prefixdpo.data.config import DataConfig
 from prefixdpo.data.dataset import load_preference_data
 from prefixdpo.data.example import Example, Group
-from prefixdpo.data.layout import (Batch, Numbering, collate, document_lengths, is_packed,
-                         is_shared)
+from prefixdpo.data.layout import Numbering, is_packed, is_shared
 from prefixdpo.data.loader import (PreferenceLoader, StepBatches, example_length,
                          fit_examples)
-from prefixdpo.data.packing import auto_packing_length, round_up
+from prefixdpo.data.packing import auto_packing_length
 from prefixdpo.data.tokenizer import Tokenizer, load_tokenizer
 from prefixdpo.model.config import ModelConfig
 from prefixdpo.model.masks import FLEX_BLOCK_SIZE
@@ -267,58 +266,6 @@ def data_statistics(examples: Sequence[Example]) -> dict[str, float]:
             "token_ratio_ceiling": paired / shared}
 
 
-# ---- the loader, with unpacked micro-batches sized by tokens -------------------------------
-
-
-class TokenBudgetLoader(PreferenceLoader):
-    """The trainer's loader; in unpacked layouts a micro-batch holds as many whole examples as
-    fit `tokens_per_micro_batch` once padded (the trainer's loader uses a fixed row count).
-    Packed layouts are planned and built exactly as in training."""
-
-    def __init__(self, examples: Sequence[Example], layout: str, tokens_per_micro_batch: int,
-                 packing_length: int, pad_multiple: int, grad_accum: int, seed: int,
-                 prefetch: int, pin_memory: bool):
-        self.tokens_per_micro_batch = tokens_per_micro_batch
-        rows = tokens_per_micro_batch // packing_length if is_packed(layout) else \
-            max(len(document_lengths(e, is_shared(layout))) for e in examples)
-        super().__init__(examples, layout, rows, grad_accum, seed=seed,
-                         packing_length=packing_length, pad_multiple=pad_multiple,
-                         prefetch=prefetch, pin_memory=pin_memory)
-
-    def longest_document(self, position: int) -> int:
-        return max(document_lengths(self.examples[position], is_shared(self.layout)))
-
-    def _plan(self, epoch: int) -> list[list[list[int]]]:
-        if is_packed(self.layout):
-            return super()._plan(epoch)
-        rng = np.random.default_rng([self.seed, epoch])  # the loader's shuffle
-        order = rng.permutation(len(self.examples)) if self.shuffle \
-            else np.arange(len(self.examples))
-        micro, current, longest = [], [], 0
-        for i in order.tolist():
-            k, n = self.num_documents[i], self.longest_document(i)
-            padded = (len(current) + k) * round_up(max(longest, n), self.pad_multiple)
-            if current and padded > self.tokens_per_micro_batch:
-                micro.append(current)
-                current, longest = [], 0
-            current.extend([[i]] * k)  # one row per document
-            longest = max(longest, n)
-        if current:
-            micro.append(current)
-        return micro
-
-    def build(self, rows: list[list[int]]) -> Batch:
-        if is_packed(self.layout):
-            return super().build(rows)
-        if not rows:  # the padding micro-batch that completes an epoch's last step
-            rows, length = [[]], self.pad_multiple
-        else:
-            length = round_up(max(self.longest_document(row[0]) for row in rows),
-                              self.pad_multiple)
-        batch = collate(rows, self.examples, self.numbering, self.layout, length)
-        return batch.pin_memory() if self.pin_memory else batch
-
-
 # ---- one layout ---------------------------------------------------------------------------
 
 
@@ -371,17 +318,17 @@ def measure_layout(layout: str, examples: list[Example], config: ModelConfig,
             (-100.0 * torch.rand(num_sequences, generator=generator) - 1.0).to(device))
     optimizer = build_optimizer(model, OptimSection(lr=args.lr), device)
 
-
     def step(batches: StepBatches):
         result, _ = train_step(model, batches, reference=reference, loss_config=LossConfig(),
                                loss_state=LossState(), optimizer=optimizer, max_grad_norm=1.0,
                                env=env, executor=executor)
         return result
 
-    def loader(prefetch: int) -> TokenBudgetLoader:
-        return TokenBudgetLoader(examples, layout, args.tokens_per_micro_batch, packing_length,
-                                 executor.row_multiple, args.grad_accum, args.seed, prefetch,
-                                 pin_memory=cuda)
+    def loader(prefetch: int) -> PreferenceLoader:
+        return PreferenceLoader.with_token_budget(
+            examples, layout, args.tokens_per_micro_batch, packing_length=packing_length,
+            pad_multiple=executor.row_multiple, grad_accum=args.grad_accum, seed=args.seed,
+            prefetch=prefetch, pin_memory=cuda)
 
     timed_loader = loader(prefetch=2)
     num_steps = timed_loader.steps_in_epoch(0)
@@ -455,7 +402,7 @@ def measure_layout(layout: str, examples: list[Example], config: ModelConfig,
     return result
 
 
-def warmup_steps(loader: TokenBudgetLoader, count: int, extremes: bool) -> list[StepBatches]:
+def warmup_steps(loader: PreferenceLoader, count: int, extremes: bool) -> list[StepBatches]:
     """The first `count` steps of the plan; with `extremes` (compiled runs) in unpacked
     layouts, whose shapes vary, also one micro-batch of each extreme shape (fewest and most
     rows, shortest and longest rows), so that the compiler's switch to dynamic shapes (and its
@@ -464,7 +411,7 @@ def warmup_steps(loader: TokenBudgetLoader, count: int, extremes: bool) -> list[
     steps = [loader.step_batches(0, s) for s in range(min(count, loader.steps_in_epoch(0)))]
     if count and extremes and not is_packed(loader.layout):
         plan = loader.micro_batch_plan(0)
-        shapes = {i: (len(rows), max(loader.longest_document(r[0]) for r in rows))
+        shapes = {i: (len(rows), max(loader.longest_document[r[0]] for r in rows))
                   for i, rows in enumerate(plan)}
         seen = {tuple(b.input_ids.shape) for batches in steps for b in batches}
         for pick in (min, max):

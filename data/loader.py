@@ -6,7 +6,10 @@ Each epoch is planned from `(seed, epoch)` alone:
    into rows of `packing_length`, then the rows are shuffled; unpacked layouts: each example
    takes one row per document, in shuffled order;
 3. rows are cut into micro-batches of `micro_batch_size` rows, never splitting an example (so a
-   pair's chosen and rejected sequences always meet in one micro-batch).
+   pair's chosen and rejected sequences always meet in one micro-batch). With a token budget
+   instead (`PreferenceLoader.with_token_budget`, for benchmarks that compare layouts at equal
+   work), a packed micro-batch takes budget // packing_length rows and an unpacked one as many
+   whole examples as fit the budget once padded (an example alone may exceed it).
 
 Optimizer step s uses micro-batches `s*A*W .. (s+1)*A*W - 1` (A = grad_accum, W = world size);
 rank r takes `s*A*W + a*W + r` for a < A. So the data of a step does not depend on how it is
@@ -157,7 +160,8 @@ class PreferenceLoader:
     def __init__(self, examples: Sequence[Example], layout: str, micro_batch_size: int,
                  grad_accum: int = 1, world_size: int = 1, rank: int = 0, seed: int = 0,
                  packing_length: int = 0, pad_multiple: int = BLOCK, shuffle: bool = True,
-                 prefetch: int = 2, pin_memory: bool = False):
+                 prefetch: int = 2, pin_memory: bool = False, micro_batch_tokens: int = 0):
+        """`micro_batch_tokens`: see `with_token_budget`."""
         if micro_batch_size < 1 or grad_accum < 1:
             raise ValueError("micro_batch_size and grad_accum must be >= 1")
         self.examples = list(examples)
@@ -169,6 +173,7 @@ class PreferenceLoader:
         self.packing_length = packing_length
         self.pad_multiple = pad_multiple
         self.prefetch, self.pin_memory = prefetch, pin_memory
+        self.micro_batch_tokens = micro_batch_tokens
         self.numbering = Numbering(self.examples)
         self.num_documents = [len(document_lengths(e, is_shared(layout))) for e in self.examples]
         self.lengths = [example_length(e, layout) for e in self.examples]
@@ -181,12 +186,41 @@ class PreferenceLoader:
             raise ValueError(
                 f"an example needs {max(self.num_documents)} rows in layout {layout!r} but a "
                 f"micro-batch has {micro_batch_size}: raise train.micro_batch_size")
+        self.longest_document = [max(document_lengths(e, is_shared(layout)))
+                                 for e in self.examples]
         self.epoch = 0
         self.step = 0  # steps of the current epoch already consumed
         # The consumer's epoch and the prefetcher's next one.
         self.micro_batch_plan = functools.lru_cache(maxsize=2)(self._plan)
 
+    @classmethod
+    def with_token_budget(cls, examples: Sequence[Example], layout: str,
+                          micro_batch_tokens: int, **options) -> PreferenceLoader:
+        """A loader whose micro-batches hold about `micro_batch_tokens` tokens, padding
+        included, rather than a fixed number of rows: packed layouts take
+        micro_batch_tokens // packing_length rows of packing_length; unpacked ones, in the
+        shuffled order, as many whole examples as fit once padded to their longest row
+        rounded up to `pad_multiple` (an example that exceeds the budget alone gets its own).
+        The other options are the constructor's."""
+        if is_packed(layout):
+            rows = micro_batch_tokens // options.get("packing_length", 0)
+            if rows < 1:
+                raise ValueError(f"a token budget of {micro_batch_tokens} holds no packed row of "
+                                 f"{options.get('packing_length', 0)} tokens")
+            return cls(examples, layout, rows, **options)
+        rows = max(len(document_lengths(e, is_shared(layout))) for e in examples)
+        return cls(examples, layout, rows, micro_batch_tokens=micro_batch_tokens, **options)
+
     # ---- the plan -------------------------------------------------------------------------
+
+    def pack(self, positions: Sequence[int]) -> Rows:
+        """Rows holding the examples at `positions`, laid out as the plan lays them out: in a
+        packed layout best-fit-decreasing into rows of `packing_length`; unpacked, one row
+        per document, in the given order."""
+        if is_packed(self.layout):
+            bins = pack_best_fit([self.lengths[i] for i in positions], self.packing_length)
+            return [[int(positions[j]) for j in b] for b in bins]
+        return [[int(i)] for i in positions for _ in range(self.num_documents[i])]
 
     def _plan(self, epoch: int) -> list[Rows]:
         """All micro-batches of an epoch, as rows of example positions."""
@@ -197,20 +231,26 @@ class PreferenceLoader:
         if is_packed(self.layout):
             rows: Rows = []
             for start in range(0, n, PACK_WINDOW):
-                window = order[start:start + PACK_WINDOW]
-                bins = pack_best_fit([self.lengths[i] for i in window], self.packing_length)
-                rows.extend([int(window[j]) for j in b] for b in bins)
+                rows.extend(self.pack(order[start:start + PACK_WINDOW]))
             if self.shuffle:
                 rows = [rows[i] for i in rng.permutation(len(rows))]
             return [rows[i:i + size] for i in range(0, len(rows), size)]
         micro: list[Rows] = []
         current: Rows = []
+        longest = 0
         for i in order.tolist():
-            k = self.num_documents[i]
-            if len(current) + k > size:
+            rows = self.pack([i])
+            if self.micro_batch_tokens:
+                longest_after = max(longest, self.longest_document[i])
+                full = (len(current) + len(rows)) * round_up(longest_after, self.pad_multiple) \
+                    > self.micro_batch_tokens
+            else:
+                full = len(current) + len(rows) > size
+            if current and full:
                 micro.append(current)
-                current = []
-            current.extend([[i]] * k)  # one row per document
+                current, longest = [], 0
+            current.extend(rows)
+            longest = max(longest, self.longest_document[i])
         if current:
             micro.append(current)
         return micro
@@ -245,15 +285,15 @@ class PreferenceLoader:
                            *self.step_totals(epoch, step))
 
     def build(self, rows: Rows) -> Batch:
-        """Collate one micro-batch, padded to `micro_batch_size` rows of a fixed length
-        (packed) or of the longest row rounded up to `pad_multiple` (unpacked)."""
-        rows = rows + [[] for _ in range(self.micro_batch_size - len(rows))]
+        """Collate one micro-batch, padded to `micro_batch_size` rows (with a token budget,
+        unpacked: its own rows, at least one) of a fixed length (packed) or of the longest row
+        rounded up to `pad_multiple` (unpacked)."""
+        count = max(len(rows), 1) if self.micro_batch_tokens else self.micro_batch_size
+        rows = rows + [[] for _ in range(count - len(rows))]
         if is_packed(self.layout):
             length = self.packing_length
         else:
-            longest = max((dl for row in rows for i in row[:1]
-                           for dl in document_lengths(self.examples[i], is_shared(self.layout))),
-                          default=1)
+            longest = max((self.longest_document[row[0]] for row in rows if row), default=1)
             length = round_up(longest, self.pad_multiple)
         batch = collate(rows, self.examples, self.numbering, self.layout, length)
         return batch.pin_memory() if self.pin_memory else batch

@@ -1,5 +1,6 @@
-"""The throughput benchmark: its quick CPU mode end to end (no timing is asserted), and the two
-things its comparison rests on: the synthetic length profiles and the token-budget batching."""
+"""The throughput benchmark: its quick CPU mode end to end (no timing is asserted), and what its
+comparison rests on: the synthetic length profiles (the token-budget batching is the loader's,
+tested in tests/data/test_loader.py)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from prefixdpo.data.layout import document_lengths, is_shared
-from prefixdpo.data.packing import round_up
+from prefixdpo.data.layout import is_shared
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "throughput.py"
@@ -84,29 +84,3 @@ def test_synthetic_profiles_match_their_medians(throughput, profile):
     again = throughput.synthetic_examples(profile, 2001, 1000, 0.5, seed=0)
     assert all(np.array_equal(a.groups[0].prompt, b.groups[0].prompt)
                for a, b in zip(examples, again))
-
-
-@pytest.mark.parametrize("layout", ["paired", "shared"])
-def test_unpacked_micro_batches_fit_the_token_budget(throughput, layout):
-    examples = throughput.synthetic_examples("hh-rlhf", 300, 1000, 0.5, seed=1)
-    budget, multiple = 2048, 8
-    loader = throughput.TokenBudgetLoader(examples, layout, budget, packing_length=1024,
-                                          pad_multiple=multiple, grad_accum=1, seed=0,
-                                          prefetch=0, pin_memory=False)
-    plan = loader.micro_batch_plan(0)
-    seen = sorted(i for rows in plan for i in {row[0] for row in rows})
-    assert seen == list(range(len(examples)))  # every example exactly once
-    rows_per_example = 1 if is_shared(layout) else 2
-    for rows in plan:
-        batch = loader.build(rows)
-        longest = max(max(document_lengths(examples[row[0]], is_shared(layout)))
-                      for row in rows)
-        assert batch.input_ids.shape == (len(rows), round_up(longest, multiple))
-        if len(rows) > rows_per_example:  # a lone example may exceed the budget
-            assert batch.input_ids.numel() <= budget
-    # Greedy: adding the next micro-batch's first example would have broken the budget.
-    first = plan[0]
-    nxt = plan[1][0][0]
-    longest = max(max(document_lengths(examples[i], is_shared(layout)))
-                  for i in {r[0] for r in first} | {nxt})
-    assert (len(first) + rows_per_example) * round_up(longest, multiple) > budget

@@ -167,3 +167,62 @@ def test_unpacked_example_larger_than_micro_batch_is_refused():
     examples = random_examples(5, 50)  # example 4 has three completions: three paired rows
     with pytest.raises(ValueError, match="needs 3 rows .* raise train.micro_batch_size"):
         make(examples, "paired", micro_batch_size=2)
+
+
+@pytest.mark.parametrize("layout", ["paired", "shared"])
+def test_unpacked_micro_batches_fit_a_token_budget(layout):
+    """With a token budget, an unpacked micro-batch takes whole examples, in the shuffled order,
+    while its rows padded to the longest (rounded up to the row multiple) fit the budget: the
+    next example would have broken it. Every example lies in exactly one micro-batch."""
+    from prefixdpo.data.layout import document_lengths, is_shared
+    from prefixdpo.data.packing import round_up
+
+    examples = random_examples(120, 50, seed=1, max_len=40)
+    budget, multiple = 256, 8
+    loader = PreferenceLoader.with_token_budget(examples, layout, budget, pad_multiple=multiple,
+                                                seed=2, prefetch=0)
+    plan = loader.micro_batch_plan(0)
+    assert sorted(i for rows in plan for i in {row[0] for row in rows}) == \
+        list(range(len(examples)))
+    assert len({len(rows) for rows in plan}) > 1, "rows per micro-batch follow the lengths"
+
+    def longest(positions) -> int:
+        return max(max(document_lengths(examples[i], is_shared(layout))) for i in positions)
+
+    for rows, following in zip(plan, plan[1:] + [None]):
+        batch = loader.build(rows)
+        positions = {row[0] for row in rows}
+        assert batch.input_ids.shape == (len(rows), round_up(longest(positions), multiple))
+        if len(positions) > 1:  # an example alone may exceed the budget
+            assert batch.input_ids.numel() <= budget
+        if following is not None:
+            nxt = following[0][0]
+            rows_after = len(rows) + len(document_lengths(examples[nxt], is_shared(layout)))
+            assert rows_after * round_up(longest(positions | {nxt}), multiple) > budget
+    assert loader.build([]).input_ids.shape == (1, multiple)  # an epoch's padding micro-batch
+
+
+def test_packed_token_budget_is_a_row_count():
+    examples, report = fit_examples(random_examples(40, 50), "shared+packed", 128, "error")
+    loader = PreferenceLoader.with_token_budget(examples, "shared+packed", 300,
+                                                packing_length=report.packing_length)
+    assert loader.micro_batch_size == 2 and not loader.micro_batch_tokens
+    with pytest.raises(ValueError, match="holds no packed row"):
+        PreferenceLoader.with_token_budget(examples, "shared+packed", 100,
+                                           packing_length=report.packing_length)
+
+
+def test_pack_lays_out_given_examples_as_the_plan_does():
+    """Packed: best-fit-decreasing rows of the given examples (the plan packs its windows so);
+    unpacked: one row per document, in the given order."""
+    examples = random_examples(30, 50)
+    packed = make(examples, "paired+packed")
+    rows = packed.pack([3, 7, 11, 12, 20])
+    assert sorted(i for row in rows for i in row) == [3, 7, 11, 12, 20]
+    assert all(sum(packed.lengths[i] for i in row) <= packed.packing_length for row in rows)
+    unshuffled = make(examples, "paired+packed", shuffle=False)
+    assert [r for micro in unshuffled.micro_batch_plan(0) for r in micro] == \
+        unshuffled.pack(list(range(len(examples))))
+    paired = make(examples, "paired")
+    assert paired.pack([4, 3]) == [[4]] * paired.num_documents[4] + [[3]] * \
+        paired.num_documents[3]
