@@ -1,18 +1,13 @@
-"""The training loop. `train(config)` reads in setup order; `train_step` is one optimizer step.
+"""The training loop. `train(config)` reads in setup order; one optimizer step is
+`train.step.train_step`, set up by `train.setup.build_training`.
 
 Setup: process group -> data -> initial model -> parallelize -> reference -> optimizer ->
 resume -> loop -> final checkpoint and Hugging Face export.
-
-Loss normalization lives in one place, `train_step`: every micro-batch's summed per-pair losses
-are divided by the number of pairs in the whole optimizer step (all micro-batches, all ranks),
-so the update does not depend on how the step is split. FSDP averages gradients over ranks, so
-the local loss is also multiplied by the world size.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 import signal
@@ -25,33 +20,25 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
-from prefixdpo.data.loader import PreferenceLoader, StepBatches
+from prefixdpo.data.loader import PreferenceLoader
 from prefixdpo.model.hf_checkpoint import save_hf_checkpoint
-from prefixdpo.model.executor import AttentionExecutor, choose_executor
+from prefixdpo.model.executor import choose_executor
 from prefixdpo.data.dataset import chat_template_override
 from prefixdpo.train.build import ModelSource, load_run_data, tokenizer_for
 from prefixdpo.train.checkpoint import (IncompleteCheckpoint, list_checkpoints, load_checkpoint,
                               save_checkpoint)
 from prefixdpo.train.config import Config, ReferenceSection, to_toml
-from prefixdpo.train.distributed import Distributed, broadcast_text, setup, teardown
-from prefixdpo.train.forward import pair_losses
-from prefixdpo.train.losses import LossConfig, LossState
-from prefixdpo.train.metrics import MetricsLogger, forward_flops, peak_flops, peak_memory_gib
-from prefixdpo.train.optim import build_optimizer, lr_at, set_lr
-from prefixdpo.train.parallelize import freeze, parallelize, reshard
-from prefixdpo.train.reference import (LiveReference, Reference, TableReference, cache_key,
-                             default_cache_dir, model_fingerprint, no_reference,
-                             reference_log_probs)
-from prefixdpo.train.lora import (AdaptersOffReference, add_lora, export_adapters, init_lora,
-                        merged_state_dict)
+from prefixdpo.train.distributed import Distributed, setup, teardown
+from prefixdpo.train.forward import Reference
+from prefixdpo.train.losses import LossState
+from prefixdpo.train.metrics import MetricsLogger, peak_flops, peak_memory_gib
+from prefixdpo.train.optim import lr_at, set_lr
+from prefixdpo.train.lora import export_adapters, merged_state_dict
 from prefixdpo.train.reporting import Reporter, check_available
 from prefixdpo.train.run_dir import RunLock, check_writable, write_error
-
-# Per-pair metrics, summed over the step's pairs and divided by their number when logged.
-PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                "logps/chosen", "logps/rejected", "nll_loss")
-
-
+from prefixdpo.train.setup import build_training
+# The step's computation, here too for the callers that take it from the loop.
+from prefixdpo.train.step import PAIR_METRICS, StepResult, evaluate, train_step  # noqa: F401
 
 @dataclass
 class TrainState:
@@ -70,110 +57,6 @@ class TrainState:
     def from_state_dict(cls, state: dict[str, Any]) -> TrainState:
         return cls(state["step"], state["pairs_seen"], state["tokens_seen"],
                    state["skipped_steps"], LossState.from_state_dict(state["loss_state"]))
-
-
-@dataclass
-class StepResult:
-    loss: float
-    metrics: dict[str, float]   # PAIR_METRICS means, grad_norm
-    num_pairs: int
-    num_tokens: int
-    finite: bool
-    stop_requested: bool
-
-
-def train_step(model: torch.nn.Module, batches: StepBatches, *, reference: Reference,
-               loss_config: LossConfig, loss_state: LossState, optimizer: torch.optim.Optimizer,
-               max_grad_norm: float, env: Distributed, executor: AttentionExecutor,
-               stop_requested: bool | Callable[[], bool] = False
-               ) -> tuple[StepResult, LossState]:
-    """Forward and backward over this rank's micro-batches, then one optimizer update (skipped
-    when the loss or the gradient is not finite).
-
-    The step's pair count, which the loss is divided by, comes with `batches` (counted on the
-    host from the loader's plan), so the micro-batches are queued on the device without a
-    collective or a host read. After the last backward the step synchronizes once: one
-    all-reduce of the loss and metric sums with every rank's stop request, and one read of
-    them together with the gradient norm. `stop_requested` may be a function: it is asked
-    after the last backward, so a stop asked for during the step ends this step."""
-    if not isinstance(batches, StepBatches):
-        raise TypeError("train_step takes the loader's StepBatches (for micro-batches of a "
-                        "single process: StepBatches.single_process(batches))")
-    device = env.device
-    scale = env.world_size / max(batches.num_pairs, 1)
-    loss_state = loss_state.to(device)
-    # [loss, *PAIR_METRICS], summed over micro-batches.
-    sums = torch.zeros(1 + len(PAIR_METRICS), dtype=torch.float64, device=device)
-    # Gradients are reduce-scattered after every micro-batch (FSDP's default): deferring it
-    # would keep a whole unsharded float32 gradient on every rank between micro-batches.
-    for batch in batches:
-        batch = batch.to(device, non_blocking=True)
-        losses, metrics, loss_state = pair_losses(model, batch, reference, loss_config,
-                                                  loss_state, executor)
-        (losses.sum() * scale).backward()
-        sums += torch.stack([losses.detach().sum().double()]
-                            + [metrics[name].detach().sum().double() for name in PAIR_METRICS])
-    # Then the stop request, summed over ranks with them. `full` fills on the device; a tensor
-    # made from a Python number would be a blocking copy.
-    stop = stop_requested() if callable(stop_requested) else stop_requested
-    sums = torch.cat([sums, torch.full((1,), float(stop), dtype=sums.dtype, device=device)])
-    if env.world_size > 1:
-        torch.distributed.all_reduce(sums)
-        loss_state = loss_state.synchronized(loss_config)
-    grad_norm = _clip_grad_norm(model, max_grad_norm, device)
-    *totals, stops, grad_norm = torch.cat([sums, grad_norm.reshape(1).double()]).tolist()
-    totals = [total / max(batches.num_pairs, 1) for total in totals]
-    loss = totals[0]
-    finite = math.isfinite(loss) and math.isfinite(grad_norm)
-    if finite:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    metrics = dict(zip(PAIR_METRICS, totals[1:]))
-    metrics["grad_norm"] = grad_norm
-    return StepResult(loss, metrics, batches.num_pairs, batches.num_tokens, finite,
-                      stops > 0), loss_state
-
-
-def _clip_grad_norm(model: torch.nn.Module, max_norm: float, device: torch.device
-                    ) -> torch.Tensor:
-    """Clip the gradients to `max_norm` (not when <= 0) and return their total norm before
-    clipping: a 0-dim tensor on `device`, for the caller to read with the step's other values."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    if not params:
-        return torch.zeros((), device=device)
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf,
-                                          foreach=True)
-    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP
-        norm = norm.full_tensor()
-    return norm
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: PreferenceLoader, *, reference: Reference,
-             loss_config: LossConfig, loss_state: LossState, env: Distributed,
-             executor: AttentionExecutor) -> dict[str, float]:
-    """Loss and reward metrics over the held-out examples (each once, sharded by rank). The
-    batches are queued without host reads; the sums are read once, at the end."""
-    loss_state = loss_state.to(env.device)
-    # [loss, *PAIR_METRICS]; the pair count is a host int, joined to them after the loop.
-    sums = torch.zeros(1 + len(PAIR_METRICS), dtype=torch.float64, device=env.device)
-    num_pairs = 0
-    for batch in loader.one_pass():
-        num_pairs += batch.num_pairs
-        batch = batch.to(env.device, non_blocking=True)
-        # The loss state is read, not advanced: evaluation does not move bco_pair's mean.
-        losses, metrics, _ = pair_losses(model, batch, reference, loss_config, loss_state,
-                                         executor)
-        sums += torch.stack([losses.sum().double()]
-                            + [metrics[name].sum().double() for name in PAIR_METRICS])
-    reshard(model)
-    sums = torch.cat([torch.full((1,), float(num_pairs), dtype=sums.dtype, device=env.device),
-                      sums])
-    if env.world_size > 1:
-        torch.distributed.all_reduce(sums)
-    count, *values = sums.tolist()
-    names = ["loss", *PAIR_METRICS]
-    return {f"eval/{name}": value / max(count, 1.0) for name, value in zip(names, values)}
 
 
 class StopSignal:
@@ -251,23 +134,12 @@ def _train(config: Config, env: Distributed) -> Path:
                          max_positions=source.config.max_position_embeddings)
     log(data.summary())
 
-    # The initial model, sharded while still on the meta device: each rank then allocates, and
-    # reads or draws, only its own shards. Parameters are float32; CUDA computes in bfloat16.
-    model = source.build(device, shard=lambda meta_model: parallelize(
-        add_lora(meta_model, config.lora), env.mesh, mixed_precision=cuda,
-        activation_checkpointing=cfg_train.activation_checkpointing,
-        compile=cfg_train.compile and cuda))
-    if config.lora.rank:
-        init_lora(model, config.lora.init_seed)  # B = 0: the model starts as its base
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        log(f"LoRA rank {config.lora.rank} on {', '.join(config.lora.target_modules)}: "
-            f"{trainable / 1e6:.2f}M trainable parameters, the base frozen")
-    log(f"model: {source.config.architecture}, {source.config.num_params / 1e6:.1f}M parameters")
-
-    # The reference, while the model still holds its initial weights.
-    reference, eval_reference = _reference(config, source, model, data, env, executor, log)
-
-    optimizer = build_optimizer(model, config.optim, device)
+    # The policy, its reference and its optimizer.
+    training = build_training(
+        source, env, executor, train=cfg_train, optim=config.optim, loss=config.loss,
+        reference=config.reference, lora=config.lora, examples=data.train,
+        eval_examples=data.eval, packing_length=data.fit.packing_length, log=log)
+    model, reference, optimizer = training.model, training.reference, training.optimizer
     loader = PreferenceLoader(data.train, config.data.layout, cfg_train.micro_batch_size,
                               cfg_train.grad_accum, env.world_size, env.rank, cfg_train.seed,
                               data.fit.packing_length, executor.row_multiple,
@@ -295,7 +167,8 @@ def _train(config: Config, env: Distributed) -> Path:
 
     def run_eval() -> None:
         if eval_loader is not None:
-            logger.log(state.step, evaluate(model, eval_loader, reference=eval_reference,
+            logger.log(state.step, evaluate(model, eval_loader,
+                                            reference=training.eval_reference,
                                             loss_config=config.loss,
                                             loss_state=state.loss_state, env=env,
                                             executor=executor), prefix="eval ")
@@ -316,11 +189,7 @@ def _train(config: Config, env: Distributed) -> Path:
             batches = next(batches_iter)
             set_lr(optimizer, lr_at(state.step, cfg_train.steps, config.optim))
             try:
-                result, loss_state = train_step(
-                    model, batches, reference=reference, loss_config=config.loss,
-                    loss_state=state.loss_state, optimizer=optimizer,
-                    max_grad_norm=config.optim.max_grad_norm, env=env, executor=executor,
-                    stop_requested=stop)
+                result, loss_state = training.step(batches, state.loss_state, stop)
             except torch.OutOfMemoryError:
                 raise ValueError(
                     "out of memory in the training step: lower train.micro_batch_size or "
@@ -343,9 +212,7 @@ def _train(config: Config, env: Distributed) -> Path:
             sync_reference(reference, model, state.step, config.reference)
             state.pairs_seen += result.num_pairs
             state.tokens_seen += result.num_tokens
-            flops = sum(forward_flops(b, source.config) for b in batches) * (
-                3 + (config.reference.mode in ("live", "adapters_off")))
-            window.add(time.perf_counter() - start, result, flops)
+            window.add(time.perf_counter() - start, result, training.step_flops(batches))
             logger.advance()
             if (state.step % cfg_train.log_every == 0 or state.step == cfg_train.steps
                     or state.step == 1):
@@ -416,53 +283,6 @@ def _load_latest(checkpoints: list[Path], model: torch.nn.Module,
                                  ) from None
             log(f"warning: {e}; resuming from the previous checkpoint {older} instead")
     raise AssertionError("unreachable")
-
-
-def _reference(config: Config, source: ModelSource, model: torch.nn.Module, data, env,
-               executor: AttentionExecutor, log) -> tuple[Reference, Reference]:
-    mode = config.reference.mode
-    if mode == "none":
-        return no_reference, no_reference
-    if mode == "adapters_off":
-        base = AdaptersOffReference(model)
-        return base, base
-    if mode == "live":
-        # A second copy of the initial weights, built as the policy was (sharded on the meta
-        # device, then only this rank's shards read or drawn) and stored in the compute
-        # dtype. Without a backward, each unit's weights are freed right after its forward.
-        # A synced reference (TR-DPO) keeps float32 weights, as the policy does, so that the
-        # repeated mixing is not rounded to bfloat16 each time.
-        cuda = env.device.type == "cuda"
-        synced = config.reference.sync_ref_model
-        dtype = torch.bfloat16 if cuda and not synced else torch.float32
-        frozen = source.build(env.device, dtype, shard=lambda meta_model: parallelize(
-            freeze(meta_model), env.mesh, mixed_precision=cuda and synced,
-            compile=config.train.compile and env.device.type == "cuda",
-            reshard_after_forward=True))
-        live = LiveReference(frozen)
-        return live, live
-    cache_dir = Path(config.reference.cache_dir) if config.reference.cache_dir \
-        else default_cache_dir()
-    # Rank 0 reads the checkpoint files once and tells the others.
-    model_id = broadcast_text(
-        model_fingerprint(source.checkpoint_dir, source.config_path, source.seed, env.device,
-                          cache_dir) if env.is_main else "", env.device)
-    dtype = "bfloat16" if env.device.type == "cuda" else "float32"
-    tables = []
-    ld = config.loss.uses_ld  # LD-DPO also needs the pairs' shared-prefix sums
-    for name, examples in (("train", data.train), ("eval", data.eval)):
-        if not examples:
-            tables.append(no_reference)
-            continue
-        table = reference_log_probs(
-            model, examples, key=cache_key(model_id, examples, dtype),
-            run_dir=Path(config.train.output_dir), cache_dir=cache_dir, name=name,
-            micro_batch_size=config.train.micro_batch_size,
-            packing_length=data.fit.packing_length or "auto", device=env.device,
-            executor=executor, rank=env.rank, world_size=env.world_size, log=log,
-            shared_prefix=ld)
-        tables.append(TableReference(*table) if ld else TableReference(table))
-    return tables[0], tables[1]
 
 
 def export(model: torch.nn.Module, source: ModelSource, tokenizer_folder: Path | None,
