@@ -1,124 +1,95 @@
-"""Throughput of full DPO training steps in the four layouts, measured in one run.
+"""Throughput of full DPO training steps in the four layouts, on the trainer's own code.
 
     python benchmarks/throughput.py [--quick] [--model tiny|llama-3.2-1b|llama-3.1-8b|
         mistral-7b|CONFIG.json] [--dataset hh-rlhf|capybara|...[,...]|all
         | --data FILE... --tokenizer DIR] [--layouts paired,paired+packed,shared,shared+packed]
         [--pairs N] [--paired-tokens N] [--tokens-per-micro-batch T] [--packing-length auto|L]
-        [--reference precomputed|live] [--activation-checkpointing]
+        [--rounds R] [--reference precomputed|live] [--activation-checkpointing]
         [--compile-mode default|max-autotune-no-cudagraphs] [--block-size B]
-        [--json OUT] [--profile]
+        [--flex-backend triton|flash] [--json OUT] [--profile]
 
-What is timed: for each layout, one pass over the same examples, each step a full
-`train.loop.train_step` (policy forward + backward, the reference, gradient clipping, AdamW
-update), with the loader's background prefetching exactly as in training. Before the pass, a
-few warm-up steps (compilation, allocator) from the start of the same plan are run and not
-timed (compiled unpacked layouts: also one micro-batch of each extreme shape, see
-`warmup_steps`).
-Each layout starts from a freshly built model (same seed), a fresh optimizer and an
-empty compile cache, so the order of layouts does not matter. On CUDA the model is set up as
-the trainer does it: `train.parallelize` with bfloat16 mixed precision and compiled decoder
-layers (FSDP2 over a group of one rank), FlexAttention with one BlockMask per micro-batch; on
-CPU in float32 with the dense mask, uncompiled.
+What runs is the trainer's: one model, reference and optimizer from `train.setup.
+build_training` (on CUDA FSDP2 over one rank, bfloat16 mixed precision, compiled layers,
+FlexAttention; on the CPU float32 and the documents executor), each step `Training.step`
+(forward and backward, the reference, clipping, AdamW), the batches from the trainer's loader
+with a token budget per micro-batch (`PreferenceLoader.with_token_budget`: packed layouts
+budget // packing_length rows of one packing length, so paired+packed and shared+packed
+compile the same shapes; unpacked layouts as many whole examples as fit once padded), built in
+its background thread as in training. A precomputed reference is a stand-in table: its values
+do not change the cost, so there is no scoring pass.
 
-Like with like: every layout processes the same examples, each exactly once (the pairs and
-non-padding tokens of every layout are checked against the examples). They are first fitted
-ONCE to the packing length in the paired layout (the stricter one: the prompt counts twice),
-so no layout cuts anything another does not. Batching rule, one token budget T per micro-batch
-(padding included):
-- packed layouts: rows of `packing_length` L, `T // L` rows per micro-batch, packed by the
-  loader (best-fit decreasing); the SAME L and row count for paired+packed and shared+packed,
-  so their shapes and compiled graphs are identical and the shared layout simply needs fewer
-  micro-batches;
-- unpacked layouts: in the loader's shuffled order, a micro-batch takes whole examples (paired:
-  two rows each, shared: one) while rows x (longest row rounded up to the trainer's row
-  multiple: 128 on CUDA, 8 on CPU) <= T; an example bigger than T alone gets its own.
-`--packing-length auto` is the trainer's auto rule applied to the paired lengths (1.1 x the
-95th percentile rounded up to 128, never below the longest), so by default nothing is cut.
-One optimizer step takes `--grad-accum` micro-batches (default 1).
+Timing: every layout makes one pass over the same examples, each once (pairs and non-padding
+tokens checked against the examples), after `--warmup-steps` untimed steps of its own (compiled
+unpacked layouts: also one micro-batch of each extreme shape, so the compiler's switch to
+dynamic shapes happens there). `--rounds` R interleave the layouts: round r times each layout's
+pass in turn, so a drift of the machine's speed touches every layout alike; each ratio of
+pairs/s is computed within each round and reported as its median and range over the rounds.
+The layouts share one model and optimizer (the weights move a little with every step, which
+does not change the cost) and dynamo's cache: packed layouts of equal shapes compile once. The
+JSON (`--json`) is rewritten after every pass, so a run cut short keeps what it measured.
+
+Reported per layout (the median pass): pairs/s, non-padding tokens/s, padding, useful FLOP/s
+(`Training.step_flops`: the layers per token, the attention pairs the mask allows, the head
+per completion token; x3 for forward and backward, +1 forward for a live reference); on CUDA
+MFU (over the GPU's bf16 peak), on the CPU the share of a float32 GEMM's FLOP/s measured at
+the start of every round on the same threads (`measure.gemm_peak_flops`); peak memory (CUDA:
+allocated; CPU: resident, reset before each pass); time blocked on the loader; graphs compiled
+after warm-up (0: no recompilation). Also the token-ratio ceiling of the data (paired /
+shared tokens). Absolute figures mean something only on a GPU; the ratios are what to compare.
 
 Data: real preference files with a tokenizer (`--data ... --tokenizer ...`), or a synthetic
-profile with the median total length (prompt + chosen, in tokens) and the prompt/completion
-length ratio of one of the six datasets of Wang & Hegde (2024), Table 1. Synthetic lengths:
-prompt, chosen and rejected lengths are drawn independently from lognormals with sigma
-`--spread` (default 0.5) and medians m * r / (1 + r) and m / (1 + r), all scaled so that the
-sample median of prompt + chosen is exactly m, then clipped to [1, 4 x their median]; token ids
-are uniform. The measured medians are printed beside the targets. `--dataset` takes several
-profiles (comma-separated, or `all`): each is measured in turn exactly as if run alone, then a
-summary table gives each profile's ratios beside its token-ratio ceiling and the paper's
-speed-ups; `--json` then holds `{"environment", "args", "datasets": {profile: report},
-"summary"}` and is rewritten after each profile, so an interrupted run keeps what it measured.
-`--paired-tokens N` draws, per profile, as many pairs as hold about N tokens in the paired
-layout (the first pairs of a larger draw), so short and long profiles take similar time.
+profile with the median total length (prompt + chosen) and the prompt/completion ratio of one
+of the six datasets of Wang & Hegde (2024), Table 1: prompt, chosen and rejected lengths drawn
+from lognormals (sigma `--spread`) scaled so that the median of prompt + chosen is exactly the
+profile's, clipped to 4x their medians; token ids uniform. `--dataset` takes several profiles
+(or `all`), measured in turn, then summarized beside the paper's speed-ups; `--paired-tokens N`
+draws as many pairs as hold about N tokens in the paired layout. `--packing-length auto` is
+the trainer's rule on the paired lengths (nothing is cut); all layouts are first fitted once,
+in paired+packed (the stricter), so no layout cuts what another does not.
 
-Speed knobs, each compared by running the same command with and without it:
-- `--activation-checkpointing`: recompute each decoder layer in backward (as the 1B recipe does);
-- `--compile-mode max-autotune-no-cudagraphs`: the inductor options of that `torch.compile`
-  mode (`torch._inductor.list_mode_options`), applied while a layout is measured to everything
-  compiled in its steps: decoder layers, FlexAttention, the BlockMask and the log-prob kernel;
-- `--block-size B`: FlexAttention's block size (a power of two from 16 to 128), passed to the
-  training step as `flex_block_size` (default 128).
-
-Reported per layout: pairs/s, non-padding tokens/s, padding fraction, MFU (CUDA: useful FLOPs
-from `train.metrics.forward_flops`, x3 for forward + backward, +1 forward for a live reference,
-over time and the GPU's bf16 peak), peak memory (CUDA: max allocated since the layout's start;
-CPU: the process's peak RSS, never reset), time blocked waiting for the loader, graphs compiled
-after warm-up (torch._dynamo counters: 0 means no recompilation), and the ratio of pairs/s to
-`paired` and to `paired+packed`. Also the token-ratio ceiling of the data: tokens of the paired
-layouts / tokens of the shared ones. Absolute figures mean something only on a GPU; the ratios
-are what to compare. On CPU the default attention executor is `documents` (per span: its
-cost is the pairs the mask allows); `--attention dense` shows the whole-row `L x L` mask
-instead, which makes packed rows pay for every masked-out pair. A tiny model's time goes mostly
-to its vocabulary head, whose work (one row per completion token) is the same in every layout. `--profile` prints a torch.profiler table of one extra (untimed) step per
-layout.
-
-The script is longer than the project's usual ~500 lines because it is one runnable file: the
-synthetic profiles, the like-for-like batching, the timing loop and the report.
+Speed knobs (each compared by running the same command with and without it):
+`--activation-checkpointing`; `--compile-mode max-autotune-no-cudagraphs` (that mode's inductor
+options for everything compiled in the steps); `--block-size B` (FlexAttention's BlockMask
+block, a power of two from 16 to 128, with kernel tiles that divide it); `--flex-backend
+flash`. `--profile` prints a torch.profiler table of one extra step per layout.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import datetime
-import gc
 import json
 import logging
 import math
-import platform
-import subprocess
-import sys
-import time
+import statistics
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-
+from measure import (PeakMemory, clock, compile_counts, compile_mode_options, environment,
+                     gemm_peak_flops, synchronize)
 
 from prefixdpo.data.config import DataConfig
 from prefixdpo.data.dataset import load_preference_data
 from prefixdpo.data.example import Example, Group
 from prefixdpo.data.layout import Numbering, is_packed, is_shared
-from prefixdpo.data.loader import (PreferenceLoader, StepBatches, example_length,
-                         fit_examples)
+from prefixdpo.data.loader import PreferenceLoader, StepBatches, example_length, fit_examples
 from prefixdpo.data.packing import auto_packing_length
 from prefixdpo.data.tokenizer import Tokenizer, load_tokenizer
 from prefixdpo.model.config import ModelConfig
-from prefixdpo.model.masks import FLEX_BLOCK_SIZE
 from prefixdpo.model.executor import choose_executor
-from prefixdpo.model.transformer import build_model
-from prefixdpo.train.config import OptimSection
+from prefixdpo.model.masks import FLEX_BLOCK_SIZE
+from prefixdpo.train.build import ModelSource
+from prefixdpo.train.config import OptimSection, ReferenceSection, TrainSection
 from prefixdpo.train.distributed import Distributed, setup
-from prefixdpo.train.loop import train_step
 from prefixdpo.train.losses import LossConfig, LossState
-from prefixdpo.train.metrics import forward_flops, peak_flops, peak_memory_gib
-from prefixdpo.train.optim import build_optimizer
-from prefixdpo.train.parallelize import freeze, parallelize
-from prefixdpo.train.reference import LiveReference, TableReference
+from prefixdpo.train.metrics import peak_flops
+from prefixdpo.train.reference import TableReference
+from prefixdpo.train.setup import Training, build_training
 
 LAYOUTS = ("paired", "paired+packed", "shared", "shared+packed")
 
@@ -173,7 +144,11 @@ PAPER_SPEEDUPS = {
 }
 
 QUICK = dict(model="tiny", dataset="hh-rlhf", pairs=32, tokens_per_micro_batch=2048,
-             warmup_steps=1, device="cpu")
+             warmup_steps=1, device="cpu", rounds=2)
+# Default sizes: on the CPU every profile holds about CPU_PAIRED_TOKENS tokens in the paired
+# layout, so that a pass lasts seconds and CPU_ROUNDS interleaved rounds keep each ratio's
+# range within a few percent on a quiet machine; on CUDA one round of GPU_PAIRS pairs.
+CPU_PAIRED_TOKENS, CPU_ROUNDS, GPU_PAIRS = 60_000, 5, 2048
 
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
@@ -266,388 +241,157 @@ def data_statistics(examples: Sequence[Example]) -> dict[str, float]:
             "token_ratio_ceiling": paired / shared}
 
 
-# ---- one layout ---------------------------------------------------------------------------
+# ---- one layout ----------------------------------------------------------------------------
 
 
-def compile_mode_options(mode: str) -> contextlib.AbstractContextManager:
-    """The inductor options of a `torch.compile` mode, in force inside the context."""
-    import torch._inductor
-    import torch._inductor.config
+class LayoutRun:
+    """One layout's loader and the figures of its timed passes."""
 
-    return torch._inductor.config.patch(torch._inductor.list_mode_options(mode))
+    def __init__(self, layout: str, examples: list[Example], training: Training,
+                 args: argparse.Namespace, packing_length: int):
+        self.layout, self.examples, self.training, self.args = layout, examples, training, args
+        device = training.env.device
+        self.loader = PreferenceLoader.with_token_budget(
+            examples, layout, args.tokens_per_micro_batch, packing_length=packing_length,
+            pad_multiple=training.executor.row_multiple, grad_accum=args.grad_accum,
+            seed=args.seed, pin_memory=device.type == "cuda")
+        self.passes: list[dict[str, Any]] = []
+        self.loss_state = LossState()
 
-
-def compile_counts() -> dict[str, int]:
-    """Graphs dynamo has compiled and graph breaks so far in this process (never reset)."""
-    from torch._dynamo.utils import counters
-
-    return {"graphs": int(counters["stats"]["unique_graphs"]),
-            "graph_breaks": int(sum(counters["graph_break"].values()))}
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measure_layout(layout: str, examples: list[Example], config: ModelConfig,
-                   args: argparse.Namespace, env: Distributed, packing_length: int) -> dict:
-    device = env.device
-    cuda = device.type == "cuda"
-    executor = choose_executor(args.attention, device, flex_backend=args.flex_backend,
-                               block_size=args.block_size or FLEX_BLOCK_SIZE)
-    if cuda:  # free the previous layout's memory before measuring this one's peak
-        gc.collect()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    torch._dynamo.reset()  # every layout compiles from scratch (in its warm-up)
-
-    model = parallelize(build_model(config, device, seed=args.seed), env.mesh,
-                        mixed_precision=cuda,
-                        activation_checkpointing=args.activation_checkpointing,
-                        compile=args.compile)
-    num_sequences = Numbering(examples).num_sequences
-    if args.reference == "live":
-        frozen = build_model(config, device, torch.bfloat16 if cuda else torch.float32,
-                             seed=args.seed)
-        reference = LiveReference(parallelize(freeze(frozen), env.mesh, mixed_precision=False,
-                                              compile=args.compile))
-    else:  # a precomputed table: its values do not change the cost, so no scoring pass
-        generator = torch.Generator().manual_seed(args.seed)
-        reference = TableReference(
-            (-100.0 * torch.rand(num_sequences, generator=generator) - 1.0).to(device))
-    optimizer = build_optimizer(model, OptimSection(lr=args.lr), device)
-
-    def step(batches: StepBatches):
-        result, _ = train_step(model, batches, reference=reference, loss_config=LossConfig(),
-                               loss_state=LossState(), optimizer=optimizer, max_grad_norm=1.0,
-                               env=env, executor=executor)
+    def step(self, batches: StepBatches):
+        result, self.loss_state = self.training.step(batches, self.loss_state)
         return result
 
-    def loader(prefetch: int) -> PreferenceLoader:
-        return PreferenceLoader.with_token_budget(
-            examples, layout, args.tokens_per_micro_batch, packing_length=packing_length,
-            pad_multiple=executor.row_multiple, grad_accum=args.grad_accum, seed=args.seed,
-            prefetch=prefetch, pin_memory=cuda)
+    def warm_up(self) -> None:
+        """The first steps of the plan, untimed; compiled unpacked layouts, whose shapes vary,
+        also run one micro-batch of each extreme shape (fewest and most rows, shortest and
+        longest rows), so that the switch to dynamic shapes happens here."""
+        loader, count = self.loader, self.args.warmup_steps
+        steps = [loader.step_batches(0, s) for s in range(min(count, loader.steps_in_epoch(0)))]
+        if count and self.args.compile and not is_packed(self.layout):
+            plan = loader.micro_batch_plan(0)
+            shapes = {i: (len(rows), max(loader.longest_document[r[0]] for r in rows))
+                      for i, rows in enumerate(plan)}
+            seen = {tuple(b.input_ids.shape) for batches in steps for b in batches}
+            for pick in (min, max):
+                for axis in (0, 1):
+                    batch = loader.build(plan[pick(shapes, key=lambda k: shapes[k][axis])])
+                    if tuple(batch.input_ids.shape) not in seen:
+                        seen.add(tuple(batch.input_ids.shape))
+                        steps.append(StepBatches.single_process([batch]))
+        for batches in steps:
+            self.step(batches)
 
-    timed_loader = loader(prefetch=2)
-    num_steps = timed_loader.steps_in_epoch(0)
-    for batches in warmup_steps(loader(prefetch=0), args.warmup_steps, args.compile):
-        step(batches)
-    synchronize(device)
-    compiled_before = compile_counts()
+    def timed_pass(self) -> dict[str, Any]:
+        """One pass over every example: seconds, counts, FLOPs, waits, memory, compilations."""
+        device = self.training.env.device
+        memory = PeakMemory(device)
+        memory.reset()
+        before = compile_counts()
+        figures = dict(pairs=0, tokens=0, row_tokens=0, micro_batches=0, flops=0.0,
+                       data_wait_s=0.0, max_data_wait_s=0.0)
+        losses = []
+        num_steps = self.loader.steps_in_epoch(0)
+        self.loader.epoch = self.loader.step = 0  # every pass: the same plan, epoch 0's
+        batches_iter = iter(self.loader)
+        next_batches = next(batches_iter)  # not a wait a running loop would see
+        start = clock(device)
+        for index in range(num_steps):
+            if index:
+                waited = -clock(torch.device("cpu"))
+                next_batches = next(batches_iter)
+                waited += clock(torch.device("cpu"))
+                figures["data_wait_s"] += waited
+                figures["max_data_wait_s"] = max(figures["max_data_wait_s"], waited)
+            batches = next_batches
+            result = self.step(batches)
+            losses.append(result.loss)
+            figures["pairs"] += result.num_pairs
+            figures["tokens"] += result.num_tokens
+            figures["micro_batches"] += len(batches)
+            figures["row_tokens"] += sum(b.input_ids.numel() for b in batches)
+            figures["flops"] += self.training.step_flops(batches)
+        seconds = clock(device) - start
+        batches_iter.close()
+        after = compile_counts()
+        expected_tokens = sum(e.num_shared_tokens if is_shared(self.layout)
+                              else e.num_paired_tokens for e in self.examples)
+        expected_pairs = Numbering(self.examples).num_pairs
+        if (figures["pairs"], figures["tokens"]) != (expected_pairs, expected_tokens):
+            raise RuntimeError(f"{self.layout}: processed {figures['pairs']} pairs and "
+                               f"{figures['tokens']} tokens, expected {expected_pairs} and "
+                               f"{expected_tokens}")
+        figures.update(steps=num_steps, seconds=seconds, peak_memory_gib=memory.gib(),
+                       graphs_compiled=after["graphs"] - before["graphs"],
+                       graph_breaks=after["graph_breaks"] - before["graph_breaks"],
+                       mean_loss=float(np.mean(losses)))
+        self.passes.append(figures)
+        return figures
 
-    pairs = tokens = row_tokens = micro_batches = 0
-    flops = 0.0
-    data_wait = max_wait = 0.0
-    losses = []
-    flops_factor = 3 + (args.reference == "live")
-    batches_iter = iter(timed_loader)
-    next_batches = next(batches_iter)  # the first build is not a wait a running loop would see
-    synchronize(device)
-    start = time.perf_counter()
-    for index in range(num_steps):
-        if index:
-            before = time.perf_counter()
-            next_batches = next(batches_iter)
-            waited = time.perf_counter() - before
-            data_wait, max_wait = data_wait + waited, max(max_wait, waited)
-        batches = next_batches
-        result = step(batches)
-        losses.append(result.loss)
-        pairs += result.num_pairs
-        tokens += result.num_tokens
-        micro_batches += len(batches)
-        row_tokens += sum(b.input_ids.numel() for b in batches)
-        flops += flops_factor * sum(forward_flops(b, config) for b in batches)
-    synchronize(device)
-    seconds = time.perf_counter() - start
-    batches_iter.close()
-    compiled_after = compile_counts()
+    def summary(self, gemm_flops: float | None) -> dict[str, Any]:
+        """The median pass's figures (by seconds), with every pass's seconds."""
+        median = sorted(self.passes, key=lambda p: p["seconds"])[(len(self.passes) - 1) // 2]
+        seconds = median["seconds"]
+        peak = peak_flops(self.training.env.device)
+        flops_per_s = median["flops"] / seconds
+        return {"layout": self.layout, **{k: median[k] for k in (
+                    "steps", "micro_batches", "pairs", "tokens", "row_tokens", "flops",
+                    "data_wait_s", "max_data_wait_s", "mean_loss")},
+                "rows_per_micro_batch": self.loader.micro_batch_size
+                if is_packed(self.layout) else None,
+                "padding_fraction": 1.0 - median["tokens"] / median["row_tokens"],
+                "seconds": seconds, "round_seconds": [p["seconds"] for p in self.passes],
+                "pairs_per_s": median["pairs"] / seconds,
+                "tokens_per_s": median["tokens"] / seconds, "flops_per_s": flops_per_s,
+                "mfu": flops_per_s / peak if peak else None,
+                "gemm_share": flops_per_s / gemm_flops if gemm_flops else None,
+                "peak_memory_gib": max(p["peak_memory_gib"] for p in self.passes),
+                "graphs_compiled_after_warmup": sum(p["graphs_compiled"] for p in self.passes),
+                "graph_breaks_after_warmup": sum(p["graph_breaks"] for p in self.passes)}
 
-    expected_tokens = sum(e.num_shared_tokens if is_shared(layout) else e.num_paired_tokens
-                          for e in examples)
-    expected_pairs = Numbering(examples).num_pairs
-    if pairs != expected_pairs or tokens != expected_tokens:
-        raise RuntimeError(f"{layout}: processed {pairs} pairs and {tokens} tokens, expected "
-                           f"{expected_pairs} and {expected_tokens}")
-    peak = peak_flops(device)
-    result = {
-        "layout": layout,
-        "steps": num_steps,
-        "micro_batches": micro_batches,
-        "rows_per_micro_batch": timed_loader.micro_batch_size if is_packed(layout) else None,
-        "pairs": pairs,
-        "tokens": tokens,
-        "row_tokens": row_tokens,
-        "padding_fraction": 1.0 - tokens / row_tokens,
-        "seconds": seconds,
-        "pairs_per_s": pairs / seconds,
-        "tokens_per_s": tokens / seconds,
-        "mfu": flops / seconds / peak if peak else None,
-        "flops": flops,
-        "peak_memory_gib": peak_memory_gib(device),
-        "data_wait_s": data_wait,
-        "max_data_wait_s": max_wait,
-        "graphs_compiled_in_warmup_and_before": compiled_before["graphs"],
-        "graphs_compiled_after_warmup": compiled_after["graphs"] - compiled_before["graphs"],
-        "graph_breaks_after_warmup":
-            compiled_after["graph_breaks"] - compiled_before["graph_breaks"],
-        "mean_loss": float(np.mean(losses)),
-    }
-    if args.profile:
-        result["profile"] = profile_step(step, next(iter(loader(prefetch=0))), device)
-        print(f"\n--- profile of one {layout} step ---\n{result['profile']}")
-    del model, reference, optimizer
-    return result
+    def profile(self) -> str:
+        from torch.profiler import ProfilerActivity, profile
 
-
-def warmup_steps(loader: PreferenceLoader, count: int, extremes: bool) -> list[StepBatches]:
-    """The first `count` steps of the plan; with `extremes` (compiled runs) in unpacked
-    layouts, whose shapes vary, also one micro-batch of each extreme shape (fewest and most
-    rows, shortest and longest rows), so that the compiler's switch to dynamic shapes (and its
-    specialization of size 1) happens here rather than in the timed pass. Built without a
-    background thread."""
-    steps = [loader.step_batches(0, s) for s in range(min(count, loader.steps_in_epoch(0)))]
-    if count and extremes and not is_packed(loader.layout):
-        plan = loader.micro_batch_plan(0)
-        shapes = {i: (len(rows), max(loader.longest_document[r[0]] for r in rows))
-                  for i, rows in enumerate(plan)}
-        seen = {tuple(b.input_ids.shape) for batches in steps for b in batches}
-        for pick in (min, max):
-            for axis in (0, 1):
-                i = pick(shapes, key=lambda k: shapes[k][axis])
-                batch = loader.build(plan[i])
-                if tuple(batch.input_ids.shape) not in seen:
-                    seen.add(tuple(batch.input_ids.shape))
-                    steps.append(StepBatches.single_process([batch]))
-    return steps
-
-
-def profile_step(step, batches: StepBatches, device: torch.device) -> str:
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
-                                           else [])
-    with profile(activities=activities) as prof:
-        step(batches)
-        synchronize(device)
-    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=sort, row_limit=25)
+        device = self.training.env.device
+        cuda = device.type == "cuda"
+        batches = self.loader.step_batches(0, 0)
+        with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as p:
+            self.step(batches)
+            synchronize(device)
+        sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+        return p.key_averages().table(sort_by=sort, row_limit=25)
 
 
-# ---- report -------------------------------------------------------------------------------
+# ---- one dataset --------------------------------------------------------------------------
 
 
-def add_ratios(results: dict[str, dict]) -> None:
-    for base in ("paired", "paired+packed"):
-        if base in results:
-            for r in results.values():
-                r[f"speedup_vs_{base}"] = r["pairs_per_s"] / results[base]["pairs_per_s"]
+RATIOS = {  # name: (numerator layout, denominator layout)
+    "shared_vs_paired": ("shared", "paired"),
+    "shared_packed_vs_paired_packed": ("shared+packed", "paired+packed"),
+    "shared_packed_vs_paired": ("shared+packed", "paired"),
+}
 
 
-def format_table(results: dict[str, dict], cuda: bool) -> str:
-    columns = [("layout", "{:<14}", "layout"), ("steps", "{:>6}", "steps"),
-               ("micro", "{:>6}", "micro_batches"), ("pairs", "{:>6}", "pairs"),
-               ("tokens", "{:>9}", "tokens"), ("pad", "{:>6.1%}", "padding_fraction"),
-               ("pairs/s", "{:>9.4g}", "pairs_per_s"), ("tokens/s", "{:>9.0f}", "tokens_per_s"),
-               ("MFU", "{:>6.1%}", "mfu"),
-               ("peak GiB" if cuda else "RSS GiB", "{:>8.2f}", "peak_memory_gib"),
-               ("wait s", "{:>7.3f}", "data_wait_s"),
-               ("recomp", "{:>6}", "graphs_compiled_after_warmup"),
-               ("x paired", "{:>8.2f}", "speedup_vs_paired"),
-               ("x p+packed", "{:>10.2f}", "speedup_vs_paired+packed")]
-    widths = [len(fmt.format(*([""] if "<" in fmt else [0]))) for _, fmt, _ in columns]
-    header = " ".join(f"{name:>{w}}" if i else f"{name:<{w}}"
-                      for i, ((name, _, _), w) in enumerate(zip(columns, widths)))
-    lines = [header]
-    for r in results.values():
-        cells = []
-        for (_, fmt, key), w in zip(columns, widths):
-            value = r.get(key)
-            cells.append(f"{'-':>{w}}" if value is None else fmt.format(value))
-        lines.append(" ".join(cells))
-    return "\n".join(lines)
+def round_ratios(runs: dict[str, LayoutRun]) -> dict[str, dict[str, Any]]:
+    """Each ratio of pairs/s computed within each round (the layouts process the same pairs,
+    so it is the inverse ratio of their seconds): its median, its range and every round's."""
+    ratios = {}
+    for name, (a, b) in RATIOS.items():
+        if a in runs and b in runs:
+            rounds = [pb["seconds"] / pa["seconds"]
+                      for pa, pb in zip(runs[a].passes, runs[b].passes)]
+            if rounds:
+                median = statistics.median(rounds)
+                ratios[name] = {"median": median, "min": min(rounds), "max": max(rounds),
+                                "spread": max(median / min(rounds), max(rounds) / median) - 1,
+                                "rounds": rounds}
+    return ratios
 
 
-def environment(device: torch.device) -> dict[str, Any]:
-    def git(*cmd: str) -> str:
-        try:
-            return subprocess.run(["git", *cmd], capture_output=True, text=True, check=True,
-                                  cwd=Path(__file__).resolve().parent).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return ""
-
-    return {"date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-            "commit": git("rev-parse", "--short", "HEAD"),
-            "uncommitted_changes": bool(git("status", "--porcelain")),
-            "torch": torch.__version__, "cuda": torch.version.cuda,
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-            else platform.processor() or platform.machine(),
-            "cpu_threads": torch.get_num_threads()}
-
-
-# ---- main ---------------------------------------------------------------------------------
-
-
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true",
-                   help=f"CPU smoke run: defaults {QUICK} (explicit flags still win)")
-    p.add_argument("--model", help=f"a preset ({', '.join(PRESETS)}) or a config.json; "
-                   "default tiny on CPU, llama-3.2-1b on CUDA")
-    p.add_argument("--num-layers", type=int, help="override the number of decoder layers "
-                   "(e.g. an 8B shape with fewer layers on one GPU)")
-    p.add_argument("--dataset", help=f"synthetic length profile: {', '.join(sorted(PROFILES))}; "
-                   "several comma-separated, or 'all', run in turn (default hh-rlhf); ignored "
-                   "with --data")
-    p.add_argument("--data", nargs="+", help="real preference files (needs --tokenizer)")
-    p.add_argument("--tokenizer", help="folder with tokenizer.json, for --data")
-    p.add_argument("--format", default="auto", help="data format of --data files")
-    p.add_argument("--pairs", type=int, help="use the first N examples (default: all of "
-                   "--data; synthetic: 2048 on CUDA, 256 on CPU)")
-    p.add_argument("--paired-tokens", type=int, help="synthetic: as many pairs as hold about "
-                   "this many tokens in the paired layout (--pairs still caps them)")
-    p.add_argument("--spread", type=float, default=0.5, help="lognormal sigma of synthetic "
-                   "lengths")
-    p.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated")
-    p.add_argument("--tokens-per-micro-batch", type=int,
-                   help="token budget of a micro-batch, padding included (default 16384 on "
-                   "CUDA, 4096 on CPU; at least the packing length)")
-    p.add_argument("--packing-length", default="auto", help="'auto' or a multiple of 128")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--reference", choices=("precomputed", "live"), default="precomputed")
-    p.add_argument("--warmup-steps", type=int, help="untimed steps per layout (default 3 on "
-                   "CUDA, 1 on CPU)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
-    p.add_argument("--no-compile", dest="compile", action="store_false", default=None,
-                   help="CUDA: do not compile the decoder layers")
-    p.add_argument("--attention", choices=("auto", "flex", "documents", "dense"), default="auto",
-                   help="attention executor (default: flex on CUDA, documents on CPU)")
-    p.add_argument("--flex-backend", choices=("triton", "flash"), default="triton",
-                   help="FlexAttention kernels (CUDA): triton, or flash (FlashAttention-4)")
-    p.add_argument("--activation-checkpointing", action="store_true",
-                   help="recompute each decoder layer in backward")
-    p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
-                   help="inductor options of this torch.compile mode for everything compiled "
-                   "in the step (see the module docstring)")
-    p.add_argument("--block-size", type=int, help="FlexAttention block size, a power of two "
-                   "from 16 to 128 (default: the trainer's, 128)")
-    p.add_argument("--lr", type=float, default=1e-6)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--profile", action="store_true",
-                   help="print a torch.profiler table of one extra step per layout")
-    p.add_argument("--json", help="write every figure to this file")
-    args = p.parse_args(argv)
-    if args.quick:
-        for key, value in QUICK.items():
-            if getattr(args, key) is None:
-                setattr(args, key, value)
-    args.device = args.device or "auto"
-    args.layouts = [s.strip() for s in args.layouts.split(",") if s.strip()]
-    for layout in args.layouts:
-        if layout not in LAYOUTS:
-            raise SystemExit(f"--layouts: unknown layout {layout!r}; expected {LAYOUTS}")
-    args.datasets = parse_datasets(args.dataset or "hh-rlhf")
-    if args.data and not args.tokenizer:
-        raise SystemExit("--data needs --tokenizer (a folder with tokenizer.json)")
-    if args.block_size is not None:
-        size = args.block_size
-        if not (16 <= size <= 128 and size & (size - 1) == 0):
-            raise SystemExit(f"--block-size {size}: expected a power of two from 16 to 128 "
-                             "(rows are padded to multiples of 128)")
-    return args
-
-
-def parse_datasets(text: str) -> list[str]:
-    names = sorted(PROFILES) if text == "all" else \
-        [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in PROFILES]
-    if unknown or not names:
-        raise SystemExit(f"--dataset: unknown profile(s) {unknown or text!r}; expected "
-                         f"{', '.join(sorted(PROFILES))} or 'all'")
-    return list(dict.fromkeys(names))
-
-
-def resolve_defaults(args: argparse.Namespace, cuda: bool) -> None:
-    args.model = args.model or ("llama-3.2-1b" if cuda else "tiny")
-    args.dataset = ",".join(args.datasets)
-    if args.warmup_steps is None:
-        args.warmup_steps = 3 if cuda else 1
-    args.compile = cuda if args.compile is None else (args.compile and cuda)
-    if args.pairs is None and not args.data and not args.paired_tokens:
-        args.pairs = 2048 if cuda else 256
-
-
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    owns_group = not dist.is_initialized()
-    env = setup(args.device)
-    cuda = env.device.type == "cuda"
-    resolve_defaults(args, cuda)
-    try:
-        return run(args, env)
-    finally:
-        if owns_group and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def run(args: argparse.Namespace, env: Distributed) -> dict[str, Any]:
-    """Every dataset in turn; the report (see the module docstring for its form with several
-    synthetic profiles). Exits with an error after writing it when a layout failed."""
-    cuda = env.device.type == "cuda"
-    print(f"device: {env.device} ({environment(env.device)['device']}), torch {torch.__version__}"
-          f"{', compiled, bf16 mixed precision' if args.compile else ''}")
-    compiles_anything = cuda  # FlexAttention, the BlockMask and the kernel compile on CUDA
-    print(f"activation checkpointing {'on' if args.activation_checkpointing else 'off'}, "
-          f"compile mode {args.compile_mode}"
-          f"{'' if compiles_anything else ' (no effect: nothing is compiled on CPU)'}, "
-          f"FlexAttention block size {args.block_size or 'default (128)'}"
-          f"{'' if cuda else ' (no effect: FlexAttention runs on CUDA only)'}, "
-          f"attention executor {args.attention}")
-    names: list[str | None] = [None] if args.data else args.datasets
-    several = len(names) > 1
-    reports: dict[str, dict[str, Any]] = {}
-
-    def combined() -> dict[str, Any]:
-        head = {"environment": environment(env.device), "args": dict(vars(args)),
-                "supported": {"compile_modes": list(COMPILE_MODES)}}
-        if not several:
-            return {**head, **next(iter(reports.values()))}
-        return {**head, "datasets": reports, "summary": summarize(reports)}
-
-    for name in names:
-        if several:
-            print(f"\n=== {name} ===", flush=True)
-        reports[name or "data"] = measure_dataset(args, env, name)
-        if several and args.json:
-            write_json(args.json, combined())
-    report = combined()
-    if several:
-        print("\nSummary: pairs/s ratios beside the token-ratio ceiling, the useful-FLOPs "
-              "ratio (paired / shared) and the paper's speed-ups (shared / unshared "
-              "FlexAttention, unpacked / packed)")
-        print(format_summary(report["summary"]))
-    if args.json:
-        write_json(args.json, report)
-        print(f"wrote {args.json}")
-    failed = {f"{name} {layout}" if several else layout
-              for name, r in reports.items() for layout in r["failures"]}
-    if failed:
-        raise SystemExit(f"{len(failed)} layout(s) failed: {', '.join(sorted(failed))}")
-    return report
-
-
-def write_json(path: str, report: dict[str, Any]) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(report, indent=2) + "\n")
-
-
-def measure_dataset(args: argparse.Namespace, env: Distributed, profile: str | None
-                    ) -> dict[str, Any]:
-    """Every layout on one dataset: `--data` files (profile None) or a synthetic profile."""
+def measure_dataset(args: argparse.Namespace, env: Distributed, profile: str | None,
+                    publish: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Every layout on one dataset, `--rounds` times interleaved (see the module docstring);
+    `publish` receives the report after every pass."""
     cuda = env.device.type == "cuda"
     if profile is None:
         tokenizer = load_tokenizer(args.tokenizer)
@@ -671,8 +415,6 @@ def measure_dataset(args: argparse.Namespace, env: Distributed, profile: str | N
     if largest_id >= config.vocab_size:
         raise SystemExit(f"token id {largest_id} >= the model's vocab_size {config.vocab_size}:"
                          " use a model whose vocabulary covers the tokenizer")
-
-    # One packing length for both packed layouts, fitted in the paired layout (see docstring).
     packing_length = auto_packing_length([example_length(e, "paired+packed") for e in examples]) \
         if args.packing_length == "auto" else int(args.packing_length)
     examples, fit = fit_examples(examples, "paired+packed", packing_length, "truncate")
@@ -680,70 +422,135 @@ def measure_dataset(args: argparse.Namespace, env: Distributed, profile: str | N
     if budget < packing_length:
         raise SystemExit(f"--tokens-per-micro-batch {budget} is below the packing length "
                          f"{packing_length}: a packed micro-batch needs at least one row")
-    # This dataset's settings: the budget may follow its packing length.
     args = argparse.Namespace(**{**vars(args), "tokens_per_micro_batch": budget})
     stats = data_statistics(examples)
-
     print(f"model: {args.model}, {config.num_hidden_layers} layers, "
           f"{config.num_params / 1e6:.1f}M parameters, random init")
     print(f"data: {data_name}: {len(examples)} pairs, median prompt+chosen "
           f"{stats['median_prompt_plus_chosen']:.0f} tokens, prompt/completion ratio "
-          f"{stats['prompt_completion_ratio']:.2f}")
+          f"{stats['prompt_completion_ratio']:.2f}; token-ratio ceiling (paired / shared "
+          f"tokens) {stats['token_ratio_ceiling']:.3f}")
     print(f"packing length {packing_length} ({fit.num_truncated} examples cut to fit), "
-          f"{budget} tokens per micro-batch ({budget // packing_length} packed rows), "
-          f"grad_accum {args.grad_accum}, reference {args.reference}, "
-          f"{args.warmup_steps} warm-up step(s)")
-    print(f"token-ratio ceiling (paired / shared tokens): {stats['token_ratio_ceiling']:.3f}")
-
-    results: dict[str, dict] = {}
+          f"{budget} tokens per micro-batch, grad_accum {args.grad_accum}, reference "
+          f"{args.reference}, {args.warmup_steps} warm-up step(s), {args.rounds} round(s)",
+          flush=True)
+    training = build_dataset_training(args, env, config, examples)
+    runs = {layout: LayoutRun(layout, examples, training, args, packing_length)
+            for layout in args.layouts}
     failures: dict[str, str] = {}
-    for layout in args.layouts:
-        try:
-            with compile_mode_options(args.compile_mode):
-                results[layout] = measure_layout(layout, examples, config, args, env,
-                                                 packing_length)
-        except Exception as e:  # noqa: BLE001 - reported, the other layouts still run
-            traceback.print_exc()
-            failures[layout] = f"{type(e).__name__}: {e}"
-            print(f"  {layout}: FAILED ({failures[layout]})", flush=True)
-            continue
-        r = results[layout]
-        print(f"  {layout}: {r['seconds']:.2f} s, {r['pairs_per_s']:.4g} pairs/s", flush=True)
-    add_ratios(results)
-    print()
-    print(format_table(results, cuda))
-    for layout, message in failures.items():
-        print(f"{layout}: FAILED: {message}")
-    recompiled = [k for k, r in results.items() if r["graphs_compiled_after_warmup"]]
-    if args.compile:
-        print("recompilation after warm-up: " + (", ".join(
-            f"{k} ({results[k]['graphs_compiled_after_warmup']} graphs)" for k in recompiled)
-            if recompiled else "none"))
-
-    return {"model": {"name": args.model, "num_params": config.num_params,
+    gemm: list[float] = []
+    head = {"model": {"name": args.model, "num_params": config.num_params,
                       "num_hidden_layers": config.num_hidden_layers},
             "data": {"source": data_name, "profile": profile, "num_pairs": len(examples),
                      "packing_length": packing_length, "num_truncated": fit.num_truncated,
                      "packing_efficiency_paired": fit.efficiency,
-                     "tokens_per_micro_batch": budget, **stats},
-            "layouts": results, "failures": failures}
+                     "tokens_per_micro_batch": budget, **stats}}
+
+    def report() -> dict[str, Any]:
+        gemm_flops = statistics.median(gemm) if gemm else None
+        layouts = {k: run.summary(gemm_flops) for k, run in runs.items()
+                   if run.passes and k not in failures}
+        for base in ("paired", "paired+packed"):
+            for r in layouts.values():
+                if base in layouts:
+                    r[f"speedup_vs_{base}"] = r["pairs_per_s"] / layouts[base]["pairs_per_s"]
+        return {**head, "rounds": args.rounds, "gemm_flops": gemm_flops,
+                "gemm_flops_rounds": gemm, "layouts": layouts, "failures": failures,
+                "ratios": round_ratios({k: runs[k] for k in layouts})}
+
+    with compile_mode_options(args.compile_mode):
+        for r in range(args.rounds):
+            if not cuda:
+                gemm.append(gemm_peak_flops())
+            for layout, run in runs.items():
+                if layout in failures:
+                    continue
+                try:
+                    if r == 0:
+                        run.warm_up()
+                    figures = run.timed_pass()
+                except Exception as e:  # noqa: BLE001 - reported, the other layouts still run
+                    traceback.print_exc()
+                    failures[layout] = f"{type(e).__name__}: {e}"
+                    print(f"  {layout}: FAILED ({failures[layout]})", flush=True)
+                    continue
+                print(f"  round {r + 1}/{args.rounds} {layout}: {figures['seconds']:.2f} s, "
+                      f"{figures['pairs'] / figures['seconds']:.4g} pairs/s", flush=True)
+                publish(report())
+    result = report()
+    print()
+    print(format_table(result["layouts"], cuda))
+    for name, ratio in result["ratios"].items():
+        print(f"{name}: median {ratio['median']:.3f}, range {ratio['min']:.3f}-"
+              f"{ratio['max']:.3f} ({ratio['spread']:.1%}) over {len(ratio['rounds'])} rounds")
+    if gemm:
+        print(f"float32 GEMM peak: {statistics.median(gemm) / 1e9:.1f} GFLOP/s (median of "
+              f"{len(gemm)} rounds)")
+    for layout, message in failures.items():
+        print(f"{layout}: FAILED: {message}")
+    if args.profile:
+        for layout, run in runs.items():
+            if layout not in failures:
+                result["layouts"][layout]["profile"] = table = run.profile()
+                print(f"\n--- profile of one {layout} step ---\n{table}")
+    return result
 
 
-# ---- several profiles ---------------------------------------------------------------------
+def build_dataset_training(args: argparse.Namespace, env: Distributed, config: ModelConfig,
+                           examples: list[Example]) -> Training:
+    """The trainer's set-up for this model; a precomputed reference is a stand-in table."""
+    cuda = env.device.type == "cuda"
+    executor = choose_executor(args.attention, env.device, flex_backend=args.flex_backend,
+                               block_size=args.block_size or FLEX_BLOCK_SIZE)
+    stand_in = None
+    if args.reference == "precomputed":
+        generator = torch.Generator().manual_seed(args.seed)
+        table = -100.0 * torch.rand(Numbering(examples).num_sequences, generator=generator) - 1
+        stand_in = TableReference(table.to(env.device))
+    return build_training(
+        ModelSource(config, None, None, args.seed), env, executor,
+        train=TrainSection(activation_checkpointing=args.activation_checkpointing,
+                           compile=args.compile and cuda),
+        optim=OptimSection(lr=args.lr), loss=LossConfig(),
+        reference=ReferenceSection(mode=args.reference), stand_in_reference=stand_in,
+        log=lambda line: None)
 
 
-SUMMARY_RATIOS = {  # name: (numerator layout, denominator layout)
-    "shared_vs_paired": ("shared", "paired"),
-    "shared_packed_vs_paired_packed": ("shared+packed", "paired+packed"),
-    "shared_packed_vs_paired": ("shared+packed", "paired"),
-}
+# ---- report -------------------------------------------------------------------------------
+
+
+def format_table(results: dict[str, dict], cuda: bool) -> str:
+    columns = [("layout", "{:<14}", "layout"), ("steps", "{:>6}", "steps"),
+               ("micro", "{:>6}", "micro_batches"), ("pairs", "{:>6}", "pairs"),
+               ("tokens", "{:>9}", "tokens"), ("pad", "{:>6.1%}", "padding_fraction"),
+               ("pairs/s", "{:>9.4g}", "pairs_per_s"), ("tokens/s", "{:>9.0f}", "tokens_per_s"),
+               ("MFU" if cuda else "of GEMM", "{:>8.1%}", "mfu" if cuda else "gemm_share"),
+               ("peak GiB" if cuda else "RSS GiB", "{:>8.2f}", "peak_memory_gib"),
+               ("wait s", "{:>7.3f}", "data_wait_s"),
+               ("recomp", "{:>6}", "graphs_compiled_after_warmup"),
+               ("x paired", "{:>8.2f}", "speedup_vs_paired"),
+               ("x p+packed", "{:>10.2f}", "speedup_vs_paired+packed")]
+    return aligned(columns, [(r, r) for r in results.values()])
+
+
+def aligned(columns: list[tuple[str, str, str | None]], rows: list[tuple[Any, dict]]) -> str:
+    """A text table: `columns` (header, format, key; None: the row's label)."""
+    widths = [len(fmt.format(*([""] if "<" in fmt else [0]))) for _, fmt, _ in columns]
+    lines = [" ".join(f"{name:>{w}}" if i else f"{name:<{w}}"
+                      for i, ((name, _, _), w) in enumerate(zip(columns, widths)))]
+    for label, row in rows:
+        cells = []
+        for (_, fmt, key), w in zip(columns, widths):
+            value = label if key is None else row.get(key)
+            cells.append(f"{'-':>{w}}" if value is None else fmt.format(value))
+        lines.append(" ".join(cells))
+    return "\n".join(lines)
 
 
 def summarize(reports: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per profile: the pairs/s ratios that exist among the layouts run, the token-ratio
-    ceiling, the useful-FLOPs ratio (paired / shared: with the vocabulary head, whose rows
-    are the completion tokens in every layout, and attention pairs counted), and the paper's
-    speed-ups."""
+    """Per profile: each ratio's median and range over the rounds, the token-ratio ceiling,
+    the useful-FLOPs ratio (paired / shared, the head and attention pairs counted), the CPU's
+    share of its GEMM peak in shared+packed, and the paper's speed-ups."""
     summary = {}
     for name, report in reports.items():
         layouts = report["layouts"]
@@ -752,33 +559,209 @@ def summarize(reports: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         paired = [layouts[n]["flops"] for n in ("paired", "paired+packed") if n in layouts]
         shared = [layouts[n]["flops"] for n in ("shared", "shared+packed") if n in layouts]
         row["flops_ratio"] = paired[0] / shared[0] if paired and shared else None
-        for key, (a, b) in SUMMARY_RATIOS.items():
-            row[key] = layouts[a]["pairs_per_s"] / layouts[b]["pairs_per_s"] \
-                if a in layouts and b in layouts else None
+        for key in RATIOS:
+            ratio = report.get("ratios", {}).get(key)
+            row[key] = ratio["median"] if ratio else None
+            row[f"{key}_range"] = [ratio["min"], ratio["max"]] if ratio else None
+        row["gemm_share"] = (layouts.get("shared+packed") or {}).get("gemm_share")
         row["paper_unpacked"], row["paper_packed"] = PAPER_SPEEDUPS.get(name, (None, None))
         summary[name] = row
     return summary
 
 
 def format_summary(summary: dict[str, dict[str, Any]]) -> str:
+    def ranged(key: str) -> Callable[[dict], str | None]:
+        def cell(row: dict) -> str | None:
+            if row.get(key) is None:
+                return None
+            low, high = row[f"{key}_range"]
+            return f"{row[key]:.2f} ({low:.2f}-{high:.2f})"
+        return cell
+
+    rows = [(profile, {**row, **{f"{k}_text": ranged(k)(row) for k in RATIOS}})
+            for profile, row in summary.items()]
     columns = [("profile", "{:<15}", None), ("pairs", "{:>6}", "pairs"),
                ("ceiling", "{:>8.2f}", "token_ratio_ceiling"),
                ("FLOPs", "{:>6.2f}", "flops_ratio"),
-               ("s / p", "{:>6.2f}", "shared_vs_paired"),
-               ("s+pk / p+pk", "{:>11.2f}", "shared_packed_vs_paired_packed"),
-               ("s+pk / p", "{:>8.2f}", "shared_packed_vs_paired"),
+               ("s / p", "{:>18}", "shared_vs_paired_text"),
+               ("s+pk / p+pk", "{:>18}", "shared_packed_vs_paired_packed_text"),
+               ("s+pk / p", "{:>18}", "shared_packed_vs_paired_text"),
+               ("of GEMM", "{:>8.1%}", "gemm_share"),
                ("paper unpk", "{:>10.2f}", "paper_unpacked"),
                ("paper pk", "{:>8.2f}", "paper_packed")]
-    widths = [len(fmt.format(*([""] if "<" in fmt else [0]))) for _, fmt, _ in columns]
-    lines = [" ".join(f"{name:>{w}}" if i else f"{name:<{w}}"
-                      for i, ((name, _, _), w) in enumerate(zip(columns, widths)))]
-    for profile, row in summary.items():
-        cells = []
-        for (_, fmt, key), w in zip(columns, widths):
-            value = profile if key is None else row.get(key)
-            cells.append(f"{'-':>{w}}" if value is None else fmt.format(value))
-        lines.append(" ".join(cells))
-    return "\n".join(lines)
+    return aligned(columns, rows)
+
+
+# ---- main ---------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help=f"CPU smoke run: defaults {QUICK} (explicit flags still win)")
+    p.add_argument("--model", help=f"a preset ({', '.join(PRESETS)}) or a config.json; "
+                   "default tiny on CPU, llama-3.2-1b on CUDA")
+    p.add_argument("--num-layers", type=int, help="override the number of decoder layers "
+                   "(e.g. an 8B shape with fewer layers on one GPU)")
+    p.add_argument("--dataset", help=f"synthetic length profile: {', '.join(sorted(PROFILES))}; "
+                   "several comma-separated, or 'all', run in turn (default hh-rlhf); ignored "
+                   "with --data")
+    p.add_argument("--data", nargs="+", help="real preference files (needs --tokenizer)")
+    p.add_argument("--tokenizer", help="folder with tokenizer.json, for --data")
+    p.add_argument("--format", default="auto", help="data format of --data files")
+    p.add_argument("--pairs", type=int, help="use the first N examples (default: all of "
+                   f"--data; synthetic: {GPU_PAIRS} on CUDA)")
+    p.add_argument("--paired-tokens", type=int, help="synthetic: as many pairs as hold about "
+                   f"this many tokens in the paired layout (default on CPU {CPU_PAIRED_TOKENS}; "
+                   "--pairs still caps them)")
+    p.add_argument("--spread", type=float, default=0.5, help="lognormal sigma of synthetic "
+                   "lengths")
+    p.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated, measured in "
+                   "this order in every round")
+    p.add_argument("--rounds", type=int, help=f"interleaved rounds (default {CPU_ROUNDS} on "
+                   "CPU, 1 on CUDA)")
+    p.add_argument("--tokens-per-micro-batch", type=int,
+                   help="token budget of a micro-batch, padding included (default 16384 on "
+                   "CUDA, 4096 on CPU; at least the packing length)")
+    p.add_argument("--packing-length", default="auto", help="'auto' or a multiple of 128")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--reference", choices=("precomputed", "live"), default="precomputed")
+    p.add_argument("--warmup-steps", type=int, help="untimed steps per layout (default 2 on "
+                   "CUDA, 1 on CPU)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
+    p.add_argument("--no-compile", dest="compile", action="store_false", default=None,
+                   help="CUDA: do not compile the decoder layers")
+    p.add_argument("--attention", choices=("auto", "flex", "documents", "dense"), default="auto",
+                   help="attention executor (default: flex on CUDA, documents on CPU)")
+    p.add_argument("--flex-backend", choices=("triton", "flash"), default="triton",
+                   help="FlexAttention kernels (CUDA): triton, or flash (FlashAttention-4)")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each decoder layer in backward")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
+                   help="inductor options of this torch.compile mode for everything compiled "
+                   "in the step")
+    p.add_argument("--block-size", type=int, help="FlexAttention block size, a power of two "
+                   f"from 16 to {FLEX_BLOCK_SIZE} (default {FLEX_BLOCK_SIZE})")
+    p.add_argument("--lr", type=float, default=1e-6)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", action="store_true",
+                   help="print a torch.profiler table of one extra step per layout")
+    p.add_argument("--json", help="write every figure to this file")
+    args = p.parse_args(argv)
+    if args.quick:
+        for key, value in QUICK.items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
+    args.device = args.device or "auto"
+    args.layouts = [s.strip() for s in args.layouts.split(",") if s.strip()]
+    for layout in args.layouts:
+        if layout not in LAYOUTS:
+            p.error(f"--layouts: unknown layout {layout!r}; expected {LAYOUTS}")
+    args.datasets = parse_datasets(p, args.dataset or "hh-rlhf")
+    if args.data and not args.tokenizer:
+        p.error("--data needs --tokenizer (a folder with tokenizer.json)")
+    size = args.block_size
+    if size is not None and not (16 <= size <= FLEX_BLOCK_SIZE and size & (size - 1) == 0):
+        p.error(f"--block-size {size}: expected a power of two from 16 to {FLEX_BLOCK_SIZE} "
+                f"(rows are padded to multiples of {FLEX_BLOCK_SIZE})")
+    if args.rounds is not None and args.rounds < 1:
+        p.error("--rounds must be >= 1")
+    return args
+
+
+def parse_datasets(p: argparse.ArgumentParser, text: str) -> list[str]:
+    names = sorted(PROFILES) if text == "all" else \
+        [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in PROFILES]
+    if unknown or not names:
+        p.error(f"--dataset: unknown profile(s) {unknown or text!r}; expected "
+                f"{', '.join(sorted(PROFILES))} or 'all'")
+    return list(dict.fromkeys(names))
+
+
+def resolve_defaults(args: argparse.Namespace, cuda: bool) -> None:
+    args.model = args.model or ("llama-3.2-1b" if cuda else "tiny")
+    args.dataset = ",".join(args.datasets)
+    if args.warmup_steps is None:
+        args.warmup_steps = 2 if cuda else 1
+    if args.rounds is None:
+        args.rounds = 1 if cuda else CPU_ROUNDS
+    args.compile = cuda if args.compile is None else (args.compile and cuda)
+    if args.pairs is None and not args.data and not args.paired_tokens:
+        if cuda:
+            args.pairs = GPU_PAIRS
+        else:
+            args.paired_tokens = CPU_PAIRED_TOKENS
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    owns_group = not dist.is_initialized()
+    env = setup(args.device)
+    resolve_defaults(args, env.device.type == "cuda")
+    try:
+        return run(args, env)
+    finally:
+        if owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(args: argparse.Namespace, env: Distributed) -> dict[str, Any]:
+    """Every dataset in turn; the report. Exits with an error after writing it when a layout
+    failed."""
+    cuda = env.device.type == "cuda"
+    info = environment(env.device)
+    print(f"device: {env.device} ({info['device']}), torch {torch.__version__}, "
+          f"{info['torch_threads']} threads, load average {info['load_average'][0]:.2f}"
+          f"{', compiled, bf16 mixed precision' if args.compile else ''}")
+    print(f"activation checkpointing {'on' if args.activation_checkpointing else 'off'}, "
+          f"compile mode {args.compile_mode}, FlexAttention block size "
+          f"{args.block_size or FLEX_BLOCK_SIZE}, backend {args.flex_backend}"
+          f"{'' if cuda else ' (FlexAttention and compilation: CUDA only)'}, attention "
+          f"executor {args.attention}")
+    names: list[str | None] = [None] if args.data else args.datasets
+    several = len(names) > 1
+    reports: dict[str, dict[str, Any]] = {}
+
+    def combined() -> dict[str, Any]:
+        head = {"environment": {**info, "load_average_end": environment(env.device)[
+                    "load_average"]}, "args": dict(vars(args)),
+                "supported": {"compile_modes": list(COMPILE_MODES)}}
+        if not several:
+            return {**head, **next(iter(reports.values()))}
+        return {**head, "datasets": reports, "summary": summarize(reports)}
+
+    def publish(name: str, report: dict[str, Any]) -> None:
+        reports[name] = report
+        if args.json:
+            write_json(args.json, combined())
+
+    for name in names:
+        if several:
+            print(f"\n=== {name} ===", flush=True)
+        publish(name or "data", measure_dataset(
+            args, env, name, lambda report, key=name or "data": publish(key, report)))
+    report = combined()
+    if several:
+        print("\nSummary: pairs/s ratios, median (range) over the rounds, beside the token-ratio "
+              "ceiling, the useful-FLOPs ratio (paired / shared), shared+packed's share of the "
+              "GEMM peak (CPU) and the paper's speed-ups (shared / unshared FlexAttention, "
+              "unpacked / packed)")
+        print(format_summary(report["summary"]))
+    if args.json:
+        write_json(args.json, report)
+        print(f"wrote {args.json}")
+    failed = {f"{name} {layout}" if several else layout
+              for name, r in reports.items() for layout in r["failures"]}
+    if failed:
+        raise SystemExit(f"{len(failed)} layout(s) failed: {', '.join(sorted(failed))}")
+    return report
+
+
+def write_json(path: str, report: dict[str, Any]) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -56,21 +56,40 @@ def test_quick_run_compares_the_same_pairs(tmp_path):
     assert layouts["paired"]["speedup_vs_paired"] == 1.0
     assert layouts["paired+packed"]["speedup_vs_paired+packed"] == 1.0
     assert "pairs/s" in run.stdout and "token-ratio ceiling" in run.stdout
+    # Two interleaved rounds: every layout timed twice; the ratios from each round.
+    assert report["rounds"] == 2 and report["gemm_flops"] > 0
+    for r in layouts.values():
+        assert len(r["round_seconds"]) == 2 and 0 < r["gemm_share"]
+    ratio = report["ratios"]["shared_packed_vs_paired_packed"]
+    assert len(ratio["rounds"]) == 2 and ratio["min"] <= ratio["median"] <= ratio["max"]
 
 
-def test_summary_ratios(throughput):
-    def layout(pairs_per_s: float, flops: float) -> dict:
-        return {"pairs_per_s": pairs_per_s, "flops": flops}
+def test_ratios_are_taken_within_each_round(throughput):
+    """The layouts process the same pairs, so a round's pairs/s ratio is the inverse ratio of
+    its seconds; the summary gives the median and the range over the rounds."""
+    from types import SimpleNamespace
 
-    reports = {"tldr": {"data": {"num_pairs": 8, "token_ratio_ceiling": 1.8}, "layouts": {
-        "paired": layout(2.0, 9.0), "paired+packed": layout(2.5, 9.0),
-        "shared+packed": layout(4.0, 6.0)}}}
-    row = throughput.summarize(reports)["tldr"]
-    assert row["shared_packed_vs_paired_packed"] == 4.0 / 2.5
-    assert row["shared_packed_vs_paired"] == 2.0 and row["shared_vs_paired"] is None
-    assert row["flops_ratio"] == 1.5 and row["token_ratio_ceiling"] == 1.8
+    def run(*seconds: float) -> SimpleNamespace:
+        return SimpleNamespace(passes=[{"seconds": s} for s in seconds])
+
+    runs = {"paired": run(9.0, 10.0, 12.0), "paired+packed": run(5.0, 6.0, 4.0),
+            "shared+packed": run(4.0, 4.0, 4.0)}
+    ratios = throughput.round_ratios(runs)
+    assert set(ratios) == {"shared_packed_vs_paired_packed", "shared_packed_vs_paired"}
+    packed = ratios["shared_packed_vs_paired_packed"]
+    assert packed["rounds"] == [1.25, 1.5, 1.0]
+    assert (packed["median"], packed["min"], packed["max"]) == (1.25, 1.0, 1.5)
+    assert packed["spread"] == pytest.approx(0.25)  # 1.25 / 1.0 - 1
+    report = {"data": {"num_pairs": 8, "token_ratio_ceiling": 1.8}, "ratios": ratios,
+              "layouts": {"paired": {"flops": 9.0}, "shared+packed": {"flops": 6.0,
+                                                                       "gemm_share": 0.25}}}
+    row = throughput.summarize({"tldr": report})["tldr"]
+    assert row["shared_packed_vs_paired_packed"] == 1.25 and row["shared_vs_paired"] is None
+    assert row["shared_packed_vs_paired_packed_range"] == [1.0, 1.5]
+    assert row["flops_ratio"] == 1.5 and row["gemm_share"] == 0.25
     table = throughput.format_summary({"tldr": row}).splitlines()
-    assert "FLOPs" in table[0] and "1.50" in table[1] and "1.60" in table[1]
+    assert "FLOPs" in table[0] and "of GEMM" in table[0]
+    assert "1.25 (1.00-1.50)" in table[1] and "25.0%" in table[1]
 
 
 @pytest.mark.parametrize("profile", ["capybara", "hh-rlhf", "metamath-dpo", "tldr",
