@@ -27,8 +27,11 @@ Same work in every contender:
   in either (TRL's default turns it on: it is turned off here so both do the same work); no
   truncation (TRL `max_length=None`);
 - reference log-probs precomputed before training in both (TRL `precompute_ref_log_probs=True`;
-  prefixdpo's table from `train.reference.reference_log_probs`), so the policy step is what is
-  timed.
+  prefixdpo's table as the trainer makes it), so the policy step is what is timed.
+
+prefixdpo is set up by the trainer's own `train.setup.build_training` (model, parallelization,
+reference table, optimizer), steps with `Training.step`, and its batches come from the
+trainer's loader (`PreferenceLoader.pack` and `build`), each holding exactly its step's pairs.
 
 Timing. Each contender (TRL, and prefixdpo in each `--layouts` layout) runs in its own worker
 process, started by this script and driven over a pipe, so that their memory can be measured
@@ -41,14 +44,12 @@ machine's speed during the run goes into the ratios. A
 step's time is a full optimizer step without data loading: for TRL from `on_step_begin` to
 `on_step_end` of a `TrainerCallback` (forward, backward, its metrics, clipping, AdamW, scheduler,
 zero_grad; the batch is already collated by TRL's `DataCollatorForPreference`); for prefixdpo
-one `train.loop.train_step` call on a batch collated beforehand. On CUDA both synchronize before
+one `Training.step` call on a batch collated beforehand. On CUDA both synchronize before
 reading the clock.
 
-Memory: the peak during the timed steps of each process, reset at the start of every round: on
-CUDA `torch.cuda.max_memory_allocated`; on CPU the process's peak resident set size (`VmHWM`),
-which Linux lets a process reset through /proc/self/clear_refs, after `malloc_trim` has handed
-memory freed since set-up back to the system (else the whole process's `ru_maxrss`, said in the
-output). It includes each process's own libraries, data and weights.
+Memory: the peak during the timed steps of each process, reset at the start of every round
+(`measure.PeakMemory`: CUDA's allocated memory, the CPU's resident set). It includes each
+process's own libraries, data and weights.
 
 Checks, printed before the times: the step-1 loss is ln 2 in every contender (policy equals
 reference); the token ids of each pair's prompt, chosen and rejected sequences in TRL's
@@ -72,16 +73,10 @@ from __future__ import annotations
 
 import argparse
 import collections
-import ctypes
-import datetime
-import gc
 import importlib.util
 import json
 import math
 import os
-import platform
-import re
-import resource
 import subprocess
 import sys
 import tempfile
@@ -93,15 +88,14 @@ from typing import Any
 
 import numpy as np
 import torch
-
-ROOT = Path(__file__).resolve().parent.parent
+from measure import ROOT, PeakMemory, clock, compile_counts, environment
 
 from prefixdpo.data.encoding import encode_preferences
 from prefixdpo.data.example import Example
 from prefixdpo.data.formats import CHAT, IDS, Preference, detect_format, parse_record
-from prefixdpo.data.layout import Batch, Numbering, collate, document_lengths, is_packed
-from prefixdpo.data.layout import is_shared
-from prefixdpo.data.packing import pack_best_fit, round_up
+from prefixdpo.data.layout import Batch, Numbering, is_packed
+from prefixdpo.data.loader import PreferenceLoader, StepBatches, example_length
+from prefixdpo.data.packing import round_up
 from prefixdpo.data.reading import RowError, read_rows
 from prefixdpo.data.tokenizer import Tokenizer, load_tokenizer
 from prefixdpo.model.config import ModelConfig
@@ -253,53 +247,11 @@ def first_difference(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-# ---- measurement helpers -------------------------------------------------------------------
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def reset_peak_memory(device: torch.device) -> str:
-    """Start a new peak; returns how it is measured."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return "cuda max_memory_allocated"
-    gc.collect()
-    try:  # hand memory freed since set-up back to the system, so the peak starts from use
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-        return "peak RSS (VmHWM, reset each round)"
-    except OSError:
-        return "peak RSS of the whole process (ru_maxrss; VmHWM could not be reset)"
-
-
-def peak_memory_gib(device: torch.device, method: str) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    if "VmHWM" in method:
-        status = Path("/proc/self/status").read_text()
-        return int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def compiled_graphs() -> int:
-    """Graphs dynamo has compiled so far in this process."""
-    from torch._dynamo.utils import counters
-
-    return int(counters["stats"]["unique_graphs"])
+# ---- worker side: the pipe -----------------------------------------------------------------
 
 
 def compute_dtype(device: str) -> str:
     return "bfloat16" if device == "cuda" else "float32"
-
-
-# ---- worker side: the pipe -----------------------------------------------------------------
 
 
 class Channel:
@@ -478,15 +430,13 @@ def run_trl(spec: dict[str, Any], channel: Channel) -> None:
         def __init__(self):
             self.step_start = 0.0
             self.seconds: list[float] = []
-            self.method = ""
+            self.memory = PeakMemory(device)
 
         def on_step_begin(self, args, state, control, **kwargs):
-            synchronize(device)
-            self.step_start = time.perf_counter()
+            self.step_start = clock(device)
 
         def on_step_end(self, args, state, control, **kwargs):
-            synchronize(device)
-            self.seconds.append(time.perf_counter() - self.step_start)
+            self.seconds.append(clock(device) - self.step_start)
             step = state.global_step  # steps done
             if step == W:
                 optimizer = trainer.optimizer
@@ -507,11 +457,11 @@ def run_trl(spec: dict[str, Any], channel: Channel) -> None:
                     tokens=sum(step_tokens(s) for s in done),
                     row_tokens=sum(math.prod(trainer.shapes[s]) for s in done),
                     losses=[float(trainer.losses[s]) for s in done],
-                    peak_memory_gib=peak_memory_gib(device, self.method))
+                    peak_memory_gib=self.memory.gib())
             else:
                 return
             if channel.command() == "run":
-                self.method = reset_peak_memory(device)
+                self.memory.reset()
 
     trainer.add_callback(Rounds())
     trainer.train()
@@ -537,116 +487,95 @@ def _optimizer_settings(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
 # ---- worker: prefixdpo ---------------------------------------------------------------------
 
 
-def step_batch(positions: list[int], examples: list[Example], numbering: Numbering, layout: str,
-               packing_length: str, row_multiple: int) -> Batch:
-    """One micro-batch holding exactly the step's pairs. Unpacked: a row per document, padded
-    to the longest; packed: one row of the step's tokens rounded up ("step"), or best-fit rows
-    of a fixed length."""
-    docs = [(p, n) for p in positions for n in document_lengths(examples[p], is_shared(layout))]
-    if not is_packed(layout):
-        rows = [[p] for p, _ in docs]
-        return collate(rows, examples, numbering, layout,
-                       round_up(max(n for _, n in docs), row_multiple))
-    lengths = [sum(document_lengths(examples[p], is_shared(layout))) for p in positions]
-    if packing_length == "step":
-        return collate([positions], examples, numbering, layout,
-                       round_up(sum(lengths), row_multiple))
-    capacity = int(packing_length)
-    rows = [[positions[i] for i in row] for row in pack_best_fit(lengths, capacity)]
-    return collate(rows, examples, numbering, layout, capacity)
+def step_batches(examples: list[Example], layout: str, packing_length: str, row_multiple: int,
+                 pairs_per_step: int) -> list[Batch]:
+    """Each step's micro-batch, holding exactly the step's pairs, collated by the trainer's
+    loader: unpacked, a row per document padded to the longest; packed, one row of the step's
+    tokens rounded up ("step"), or the step's pairs packed best-fit into rows of a fixed
+    length (as many rows in every step: the most any step needs)."""
+    steps = [step_positions(s, len(examples), pairs_per_step)
+             for s in range(len(examples) // pairs_per_step)]
+    tokens = [sum(example_length(examples[p], layout) for p in positions) for positions in steps]
+    packed = is_packed(layout)
+    length = round_up(max(tokens), row_multiple) if packing_length == "step" \
+        else int(packing_length)
 
+    def loader(rows: int) -> PreferenceLoader:
+        return PreferenceLoader(examples, layout, rows, shuffle=False, prefetch=0,
+                                packing_length=length if packed else 0,
+                                pad_multiple=row_multiple)
 
-def one_micro_batch(batch: Batch):
-    """What `train_step` takes for a step of one micro-batch in one process."""
-    from prefixdpo.data.loader import StepBatches
-    return StepBatches.single_process([batch])
+    rows_per_step = [[positions] if packed and packing_length == "step" else
+                     loader(2 * pairs_per_step).pack(positions) for positions in steps]
+    collating = loader(max(len(rows) for rows in rows_per_step))
+    return [collating.build(rows, round_up(n, row_multiple)
+                            if packed and packing_length == "step" else None)
+            for rows, n in zip(rows_per_step, tokens)]
 
 
 def run_ours(spec: dict[str, Any], layout: str, channel: Channel) -> None:
     started = time.perf_counter()
-    from prefixdpo.model.hf_checkpoint import load_weights
-    from prefixdpo.model.transformer import build_model
-    from prefixdpo.train.config import OptimSection
+    from prefixdpo.model.executor import choose_executor
+    from prefixdpo.train.build import ModelSource
+    from prefixdpo.train.config import OptimSection, ReferenceSection, TrainSection
     from prefixdpo.train.distributed import setup
     from prefixdpo.train.forward import attention_masks, batch_sequence_log_probs
-    from prefixdpo.train.loop import train_step
     from prefixdpo.train.losses import LossConfig, LossState
-    from prefixdpo.train.optim import build_optimizer
-    from prefixdpo.train.parallelize import parallelize, reshard
-    from prefixdpo.train.reference import TableReference, cache_key, model_fingerprint, \
-        reference_log_probs
-    from prefixdpo.model.executor import choose_executor
+    from prefixdpo.train.parallelize import reshard
+    from prefixdpo.train.setup import build_training
 
     env = setup(spec["device"])
     device = env.device
     cuda = device.type == "cuda"
     executor = choose_executor("auto", device)
-    compiled = cuda and spec["compile"]
     B, k, W = spec["pairs_per_step"], spec["steps"], spec["warmup_steps"]
     tokenizer = load_tokenizer(spec["tokenizer"])
     _, examples, _ = select_pairs(spec["data"], spec["format"], tokenizer, spec["pairs"], B)
     num_pairs = len(examples)
     numbering = Numbering(examples)
-
     model_dir = Path(spec["model"])
-    config = ModelConfig.from_file(model_dir)
-    model = load_weights(build_model(config, device), model_dir)
-    model = parallelize(model, env.mesh, mixed_precision=cuda, compile=compiled)
-    # The reference table of the initial weights, cached in the work folder: the first
-    # prefixdpo worker computes it, the next ones load it.
-    cache_dir = Path(spec["workdir"]) / "reference-cache"
-    key = cache_key(model_fingerprint(model_dir, None, spec["seed"], device, cache_dir),
-                    examples, compute_dtype(spec["device"]))
-    reference_started = time.perf_counter()
-    table = reference_log_probs(
-        model, examples, key=key, run_dir=Path(spec["workdir"]) / f"ours-{layout}",
-        cache_dir=cache_dir, name="train", micro_batch_size=4, packing_length="auto",
-        device=device, executor=executor, rank=0, world_size=1, log=print)
-    reference_s = time.perf_counter() - reference_started
+    source = ModelSource(ModelConfig.from_file(model_dir), model_dir, None, spec["seed"])
     optim = OptimSection(lr=spec["lr"], weight_decay=0.0, betas=tuple(spec["betas"]),
                          eps=spec["eps"], schedule="constant", warmup_steps=0,
                          max_grad_norm=spec["max_grad_norm"])
-    optimizer = build_optimizer(model, optim, device)
-    loss_config = LossConfig(type=("sigmoid",), beta=spec["beta"])
-    reference = TableReference(table)
-
-    steps_per_epoch = num_pairs // B
-    batches = [step_batch(step_positions(s, num_pairs, B), examples, numbering, layout,
-                          spec["packing_length"], executor.row_multiple)
-               for s in range(steps_per_epoch)]
-    steps = [one_micro_batch(batch) for batch in batches]
+    # The trainer's set-up; the reference table of the initial weights is cached in the work
+    # folder: the first prefixdpo worker computes it, the next ones load it.
+    workdir = Path(spec["workdir"])
+    training = build_training(
+        source, env, executor,
+        train=TrainSection(output_dir=str(workdir / f"ours-{layout}"), micro_batch_size=4,
+                           compile=cuda and spec["compile"]),
+        optim=optim, loss=LossConfig(type=("sigmoid",), beta=spec["beta"]),
+        reference=ReferenceSection(mode="precomputed", cache_dir=str(workdir / "reference")),
+        examples=examples)
+    model = training.model
+    batches = step_batches(examples, layout, spec["packing_length"], executor.row_multiple, B)
+    steps = [StepBatches.single_process([batch]) for batch in batches]
 
     # The first step's per-pair policy log-probs (initial weights), in this layout.
     first = batches[0].to(device)
     with torch.no_grad():
-        logps, _ = batch_sequence_log_probs(
-            model, first, attention_masks(first, config, executor))
+        logps, _ = batch_sequence_log_probs(model, first,
+                                            attention_masks(first, source.config, executor))
     reshard(model)
     by_pair = {int(p): [float(logps[c]), float(logps[r])] for p, c, r in zip(
         first.pair_ids.tolist(), first.chosen_sequence.tolist(),
         first.rejected_sequence.tolist())}
     first_logps = [by_pair[i] for i in step_positions(0, num_pairs, B)]
-    table_cpu = table.detach().double().cpu()
+    table = training.reference.table.detach().double().cpu()
     reference_logps = []
     for i, example in enumerate(examples):
         offset = int(numbering.sequence_offsets[i])
         chosen, rejected = example.pairs[0]
-        reference_logps.append([float(table_cpu[offset + chosen]),
-                                float(table_cpu[offset + rejected])])
+        reference_logps.append([float(table[offset + chosen]), float(table[offset + rejected])])
 
     loss_state = LossState()
 
     def step(s: int):
         nonlocal loss_state
-        batch = batches[s % steps_per_epoch]
-        synchronize(device)
-        start = time.perf_counter()
-        result, loss_state = train_step(
-            model, steps[s % steps_per_epoch], reference=reference, loss_config=loss_config,
-            loss_state=loss_state, optimizer=optimizer, max_grad_norm=optim.max_grad_norm,
-            env=env, executor=executor)
-        synchronize(device)
-        return result, time.perf_counter() - start, batch.input_ids.numel()
+        start = clock(device)
+        result, loss_state = training.step(steps[s % len(steps)], loss_state)
+        return result, clock(device) - start, batches[s % len(steps)].input_ids.numel()
 
     warmup_losses = [step(s)[0].loss for s in range(W)]
     settings = {
@@ -654,22 +583,23 @@ def run_ours(spec: dict[str, Any], layout: str, channel: Channel) -> None:
         "packing": (spec["packing_length"] if is_packed(layout) else "none")
         + (" (one row per step, its tokens rounded up)" if is_packed(layout)
            and spec["packing_length"] == "step" else ""),
-        "row_multiple": executor.row_multiple, "compiled_layers": compiled,
+        "row_multiple": executor.row_multiple, "compiled_layers": cuda and spec["compile"],
         "attention": "FlexAttention" if executor.name == "flex" else
         f"{executor.name} executor (scaled_dot_product_attention)",
         "mixed_precision": "bfloat16 compute, float32 parameters" if cuda else "none (float32)",
-        "reference": "precomputed table (train.reference.reference_log_probs)",
-        "optimizer": _optimizer_settings(optimizer), "loss": "sigmoid", "beta": spec["beta"],
-        "max_grad_norm": optim.max_grad_norm, "torch_threads": torch.get_num_threads(),
-        "grad_accum": 1,
+        "reference": "precomputed table (train.setup.build_training)",
+        "optimizer": _optimizer_settings(training.optimizer), "loss": "sigmoid",
+        "beta": spec["beta"], "max_grad_norm": optim.max_grad_norm,
+        "torch_threads": torch.get_num_threads(), "grad_accum": 1,
     }
-    channel.send("ready", setup_s=time.perf_counter() - started, reference_s=reference_s,
-                 settings=settings, warmup_losses=warmup_losses, num_pairs=num_pairs,
-                 first_logps=first_logps, reference_logps=reference_logps)
+    channel.send("ready", setup_s=time.perf_counter() - started, settings=settings,
+                 warmup_losses=warmup_losses, num_pairs=num_pairs, first_logps=first_logps,
+                 reference_logps=reference_logps)
     s = W
+    memory = PeakMemory(device)
     while channel.command() == "run":
-        method = reset_peak_memory(device)
-        graphs_before = compiled_graphs()
+        memory.reset()
+        graphs_before = compile_counts()["graphs"]
         seconds, pairs, tokens, row_tokens, losses = [], 0, 0, 0, []
         for _ in range(k):
             result, dt, cells = step(s)
@@ -680,9 +610,8 @@ def run_ours(spec: dict[str, Any], layout: str, channel: Channel) -> None:
             row_tokens += cells
             losses.append(result.loss)
         channel.send("round", seconds=seconds, pairs=pairs, tokens=tokens,
-                     row_tokens=row_tokens, losses=losses,
-                     peak_memory_gib=peak_memory_gib(device, method),
-                     graphs_compiled=compiled_graphs() - graphs_before)
+                     row_tokens=row_tokens, losses=losses, peak_memory_gib=memory.gib(),
+                     graphs_compiled=compile_counts()["graphs"] - graphs_before)
     channel.send("done")
 
 
@@ -790,14 +719,6 @@ def prepare_model(args: argparse.Namespace, tokenizer: Tokenizer, tokenizer_dir:
         "SmolLM-135M shape (30 layers, hidden size 576, 9/3 heads, tied embeddings)"
     return model_dir, config, (f"{name}, vocabulary {config.vocab_size}, random init (seed "
                                f"{args.seed}), {config.num_params / 1e6:.1f}M parameters")
-
-
-def git(*cmd: str) -> str:
-    try:
-        return subprocess.run(["git", *cmd], capture_output=True, text=True, check=True,
-                              cwd=ROOT).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return ""
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -908,13 +829,7 @@ def drive(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     paired_tokens = sum(e.num_paired_tokens for e in examples)
     shared_tokens = sum(e.num_shared_tokens for e in examples)
 
-    env_info = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
-                "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-                "commit": git("rev-parse", "--short", "HEAD"),
-                "uncommitted_changes": bool(git("status", "--porcelain")),
-                "torch": torch.__version__, "python": platform.python_version(),
-                "device": torch.cuda.get_device_name(0) if cuda else
-                (platform.processor() or platform.machine()), "cpu_count": os.cpu_count()}
+    env_info = environment(torch.device("cuda" if cuda else "cpu"))
     print(f"prefixdpo vs TRL DPOTrainer, {env_info['date']}, commit {env_info['commit']}"
           f"{' (uncommitted changes)' if env_info['uncommitted_changes'] else ''}")
     print(f"device: {args.device} ({env_info['device']}), torch {torch.__version__}, "

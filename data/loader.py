@@ -284,15 +284,16 @@ class PreferenceLoader:
         return StepBatches([self.build(rows) for rows in self.step_rows(epoch, step)],
                            *self.step_totals(epoch, step))
 
-    def build(self, rows: Rows) -> Batch:
+    def build(self, rows: Rows, length: int | None = None) -> Batch:
         """Collate one micro-batch, padded to `micro_batch_size` rows (with a token budget,
         unpacked: its own rows, at least one) of a fixed length (packed) or of the longest row
-        rounded up to `pad_multiple` (unpacked)."""
+        rounded up to `pad_multiple` (unpacked); or of `length`, which the rows must fit (a
+        benchmark that puts one step's pairs in one row of their own length)."""
         count = max(len(rows), 1) if self.micro_batch_tokens else self.micro_batch_size
         rows = rows + [[] for _ in range(count - len(rows))]
-        if is_packed(self.layout):
+        if length is None and is_packed(self.layout):
             length = self.packing_length
-        else:
+        elif length is None:
             longest = max((self.longest_document[row[0]] for row in rows if row), default=1)
             length = round_up(longest, self.pad_multiple)
         batch = collate(rows, self.examples, self.numbering, self.layout, length)
