@@ -1,48 +1,39 @@
 """Everything to run on a machine with one CUDA GPU, as one command within a time budget.
 
-    PYTHONPATH=. timeout 480 python3 benchmarks/gpu_suite.py --out gpu-suite [--commit HASH]
+    PYTHONPATH=. timeout 570 python3 benchmarks/gpu_suite.py --out gpu-suite [--commit HASH]
+    python benchmarks/gpu_suite.py --plan --out gpu-suite   # the parts and their caps
     python benchmarks/gpu_suite.py --dry-run --out /tmp/rehearsal   # every part, toy sizes, CPU
 
-Parts, in this order (most important first, so a short budget loses the least):
-1. `tests`: the GPU tests, `pytest -m gpu` on tests/gpu and tests/kernels (FlexAttention
-   against the dense path, FSDP2 + bf16 + compile against the plain model, the live reference,
-   activation checkpointing, evaluation, zero host syncs, a whole run through torchrun with
-   resume and Hugging Face export), the files split over three pytest processes run side by
-   side so that their compilations share the CPU cores; per-test outcome and time from
-   pytest's JUnit XML (from its -v lines if it was stopped).
-2. `throughput-hh`: `benchmarks/throughput.py`, Llama 3.2 1B (random init) on 512 HH-RLHF
-   pairs shipped in `assets/`, packing length 4096, the four layouts in one run.
-3. `throughput-profiles`: the same model on the six synthetic length profiles in one run,
-   each about the same number of tokens, the two packed layouts.
+First a preflight, before any model is built: the versions, the GPU, what is installed
+(pytest, transformers, FlashAttention-4's `flash_attn.cute`), whether the log-prob kernel's
+bfloat16 matmuls work here (its probe: where they fail, every half-precision call copies the
+whole `[V, D]` head weight to float32), and which knobs can run. Then the parts, most
+important first, each within its cap (`Plan`), the knobs only where their whole cap is left:
+1. `tests`: the GPU tests (`pytest -m gpu` on tests/gpu and tests/kernels), in pytest
+   processes side by side so that their compilations share the CPU cores; per-test outcome
+   and time from pytest's JUnit XML (from its -v lines if it was stopped).
+2. `throughput-hh`: `benchmarks/throughput.py`, Llama 3.2 1B (random init) on HH-RLHF pairs
+   shipped in `assets/`, shared+packed first, then paired+packed, paired and shared, one
+   model and one compile cache for all (its JSON is rewritten after every layout).
+3. `throughput-profiles`: the same model on the six synthetic length profiles, the two packed
+   layouts, rows of the same length as part 2's (so its compiled kernels are reused).
 4. `loss`: `benchmarks/dpo_loss.py --device cuda --quick`.
-5. `knobs`: speed knobs, each one more run of part 2's command in the shared+packed layout
-   only, compared with part 2's shared+packed figures: activation checkpointing, the
-   FlexAttention block size, the FlexAttention backend (flash vs triton), the compile mode.
-   A knob `throughput.py` does not offer (yet) is skipped with the reason.
+5. `knobs`: one more part-2 run in shared+packed per knob (activation checkpointing, a
+   FlexAttention block of 64 with tiles that fit it, the FLASH backend where the preflight
+   finds it), against part 2's shared+packed figures.
 
-Every command runs in its own process group and is killed at its time limit; a part that fails
-or runs out of time is recorded and the next one runs. The time: `--budget` seconds in all
-(default 450, inside the 480 of the `timeout` above), and each part at most its cap (`Plan`);
-a command that would get under `MIN_COMMAND_S` (a knob run: `Plan.knob_min`) is skipped as
-out of time. `--parts` runs a subset (the knobs then measure their own baseline when part 2 is
-not among them). `--commit` names the commit where the folder has no git metadata.
+Every command runs in its own process group and is killed at its limit; a part that fails or
+runs out of time is recorded and the next one runs. `--parts` runs a subset (the knobs then
+measure their own baseline); `--commit` names the commit where the folder has no git metadata.
+Written under `--out`, and rewritten after every command: `gpu-suite.md` (a block for
+BENCHMARKS.md), `gpu-suite.json` (every figure), `logs/` (every command's output, pytest's XML)
+and `json/` (the benchmarks' own reports).
 
-Written under `--out`, and rewritten after every part and every knob run (so an outer
-`timeout` still leaves what was done):
-- `gpu-suite.md`: a block ready to paste into BENCHMARKS.md (date, GPU, torch and CUDA
-  versions, commit, every command with its status and time, the tables);
-- `gpu-suite.json`: every figure (each part's commands and parsed results);
-- `logs/`: the raw output of every command, and pytest's XML; `json/`: the benchmarks' own
-  JSON reports.
-
-`--dry-run` rehearses all of it on the CPU at toy sizes (1-layer models written to `--out`, a
-few pairs, `dpo_loss.py --tiny`, one pytest process; the GPU tests skip themselves), so that
-the suite is exercised by the CPU test suite (tests/benchmarks/test_gpu_suite.py) and cannot
-rot. Knobs that have no effect without CUDA are skipped in the dry run.
-
-The suite imports nothing from the project: it only launches commands and reads what they
-write, so it reports a broken part instead of breaking. It is longer than the project's usual
-~500 lines because it is one runnable file: the runner, the parts, the parsers, the write-up.
+`--dry-run` rehearses it on the CPU at toy sizes (1-layer models written to `--out`, a few
+pairs, `dpo_loss.py --tiny`, one pytest process in which the GPU tests skip: the CPU suite
+rehearses their bodies itself), so tests/benchmarks/test_gpu_suite.py keeps it in working
+order. The suite imports nothing from the project: it launches commands and reads what they
+write, so it reports a broken part instead of breaking.
 """
 
 from __future__ import annotations
@@ -50,7 +41,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import importlib.metadata
 import json
 import os
 import platform
@@ -69,8 +59,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 HH_DATA = "assets/data/hh-rlhf-helpful-base-test-1000.jsonl.gz"
 TOKENIZER = "assets/tokenizers/mistral-7b-v0.1"
-LAYOUTS = ("paired", "paired+packed", "shared", "shared+packed")
-PROFILE_LAYOUTS = ("paired+packed", "shared+packed")
+HH_LAYOUTS = ("shared+packed", "paired+packed", "paired", "shared")
+PROFILE_LAYOUTS = ("shared+packed", "paired+packed")
 PROFILES = ("capybara", "hh-rlhf", "metamath-dpo", "tldr", "tulu-helpsteer", "ultrafeedback")
 MIN_COMMAND_S = 15.0  # a command given less than this is skipped as out of time
 LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
@@ -79,36 +69,38 @@ LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "M
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """Sizes and time caps (seconds) of every part."""
+    """Sizes and time caps (seconds) of every part; a knob runs only with `knob_cap` left."""
 
     device: str
     model: str                       # throughput.py --model (HH-RLHF pairs, knobs)
     profile_model: str               # throughput.py --model for the synthetic profiles
     hh_pairs: int                    # HH-RLHF pairs in part 2 (and the knob runs)
-    hh_packing_length: str           # their packing length: the MFU target's 4096 on a GPU
+    packing_length: str              # rows of parts 2, 3 and the knobs
     profile_paired_tokens: int       # tokens per synthetic profile, in the paired layout
     loss_size: str                   # dpo_loss.py --quick or --tiny
     test_processes: int              # pytest processes side by side
     throughput_extra: tuple[str, ...]
-    caps: dict[str, float]           # part name -> seconds
-    knob_cap: float                  # one knob run
-    knob_min: float                  # a knob run given less is skipped (it could not finish)
+    caps: dict[str, float]           # part name -> seconds (knobs: per knob run)
     budget: float                    # default --budget
+
+    def part_cap(self, name: str, knobs: int) -> float:
+        return self.caps[name] * (knobs if name == "knobs" else 1)
 
 
 GPU_PLAN = Plan(device="cuda", model="llama-3.2-1b", profile_model="llama-3.2-1b",
-                hh_pairs=512, hh_packing_length="4096", profile_paired_tokens=120_000,
-                loss_size="--quick", test_processes=3, throughput_extra=(),
-                caps={"tests": 170, "throughput-hh": 80, "throughput-profiles": 120,
-                      "loss": 60, "knobs": 450},
-                knob_cap=120, knob_min=60, budget=450)
+                hh_pairs=512, packing_length="8192", profile_paired_tokens=120_000,
+                loss_size="--quick", test_processes=3,
+                throughput_extra=("--rounds", "1", "--warmup-steps", "1"),
+                caps={"tests": 140, "throughput-hh": 130, "throughput-profiles": 90,
+                      "loss": 40, "knobs": 60},
+                budget=540)
 # Toy sizes on the CPU: every command and every parser, in about a minute on 2 cores.
 DRY_RUN_PLAN = Plan(device="cpu", model="", profile_model="", hh_pairs=4,
-                    hh_packing_length="auto", profile_paired_tokens=2500, loss_size="--tiny",
-                    test_processes=1, throughput_extra=("--warmup-steps", "1"),
+                    packing_length="auto", profile_paired_tokens=2500, loss_size="--tiny",
+                    test_processes=1, throughput_extra=("--rounds", "1", "--warmup-steps", "1"),
                     caps={"tests": 90, "throughput-hh": 90, "throughput-profiles": 90,
-                          "loss": 60, "knobs": 90},
-                    knob_cap=90, knob_min=15, budget=300)
+                          "loss": 60, "knobs": 60},
+                    budget=600)
 DRY_RUN_MODEL = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
                  "vocab_size": 32000, "hidden_size": 32, "intermediate_size": 64,
                  "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
@@ -121,36 +113,26 @@ DRY_RUN_PROFILE_MODEL = {**DRY_RUN_MODEL, "vocab_size": 1024}
 
 @dataclasses.dataclass(frozen=True)
 class Knob:
-    """One speed knob: `flags` added to the baseline command. `option` is the throughput.py
-    option that must exist; `cuda_only`: skipped in the dry run (no effect on a CPU)."""
+    """One speed knob: `flags` added to the baseline command; `requires`: the preflight key
+    that must be true (None: always runs); `cuda_only`: skipped in the dry run."""
 
     label: str
     setting: str
     flags: tuple[str, ...]
-    option: str
+    requires: str | None = None
     cuda_only: bool = True
 
 
-KNOBS = (
-    Knob("activation checkpointing", "on", ("--activation-checkpointing",),
-         "--activation-checkpointing", cuda_only=False),
-    Knob("FlexAttention block size", "64", ("--block-size", "64"), "--block-size"),
-    # ---- FlexAttention backend: flash vs triton -------------------------------------------
-    # FlexAttention's FLASH backend (FlashAttention-4 kernels) against its Triton kernels.
-    Knob("FlexAttention backend", "flash", ("--flex-backend", "flash"), "--flex-backend"),
-    Knob("FlexAttention backend", "triton", ("--flex-backend", "triton"), "--flex-backend"),
-    # ----------------------------------------------------------------------------------------
-    # Last: max-autotune compiles for longest.
-    Knob("torch.compile mode", "max-autotune-no-cudagraphs",
-         ("--compile-mode", "max-autotune-no-cudagraphs"), "--compile-mode"),
+KNOBS = (  # in priority order: those the budget cannot hold are dropped from the end
+    Knob("activation checkpointing", "on", ("--activation-checkpointing",), cuda_only=False),
+    Knob("FlexAttention backend", "flash", ("--flex-backend", "flash"), requires="flash"),
+    Knob("FlexAttention block size", "64", ("--block-size", "64")),
 )
+# Not in the suite: `--compile-mode max-autotune-no-cudagraphs` autotunes for longer than a
+# knob's cap; run it by hand (BENCHMARKS.md). The triton backend is the baseline itself.
 
 
 # ---- running commands ---------------------------------------------------------------------
-
-
-def clock() -> str:
-    return datetime.datetime.now().strftime("%H:%M:%S")
 
 
 class Runner:
@@ -164,37 +146,35 @@ class Runner:
         self.start = time.monotonic()
         self.count = 0
 
-    def elapsed(self) -> str:
-        seconds = int(time.monotonic() - self.start)
-        return f"+{seconds // 60}:{seconds % 60:02d}"
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
 
     def say(self, message: str) -> None:
-        print(f"[{clock()} {self.elapsed()}] {message}", flush=True)
+        seconds = int(time.monotonic() - self.start)
+        print(f"[{datetime.datetime.now():%H:%M:%S} +{seconds // 60}:{seconds % 60:02d}] "
+              f"{message}", flush=True)
 
-    def run(self, name: str, argv: list[str], cap: float, part_deadline: float,
-            minimum: float | None = None) -> dict[str, Any]:
+    def run(self, name: str, argv: list[str], cap: float, minimum: float | None = None
+            ) -> dict[str, Any]:
         """Run `argv` from the repository root for at most `cap` seconds (and never past the
-        part's or the suite's deadline); skip it when that leaves under `minimum` seconds
-        (default MIN_COMMAND_S). Returns the command's record."""
-        return self.run_together([(name, argv)], cap, part_deadline, minimum)[0]
+        suite's deadline); skip it when that leaves under `minimum` (default MIN_COMMAND_S).
+        Returns its record."""
+        return self.run_together([(name, argv)], cap, minimum)[0]
 
     def run_together(self, commands: list[tuple[str, list[str]]], cap: float,
-                     part_deadline: float, minimum: float | None = None
-                     ) -> list[dict[str, Any]]:
+                     minimum: float | None = None) -> list[dict[str, Any]]:
         """Run (name, argv) commands side by side, under one time limit as in `run`."""
         minimum = MIN_COMMAND_S if minimum is None else minimum
-        now = time.monotonic()
-        limit = min(cap, self.deadline - now, part_deadline - now)
+        limit = min(cap, self.left())
         records, running = [], []
         for name, argv in commands:
             self.count += 1
             slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
             log = self.out / "logs" / f"{self.count:02d}-{slug}.log"
-            shown = display(argv).replace(str(self.out), self.out_shown)
-            records.append({"name": name, "command": shown,
-                            "log": str(log.relative_to(self.out)), "status": "skipped",
-                            "returncode": None, "seconds": 0.0, "cpu_s": None,
-                            "limit_s": None, "note": ""})
+            records.append({"name": name, "status": "skipped", "returncode": None,
+                            "command": display(argv).replace(str(self.out), self.out_shown),
+                            "log": str(log.relative_to(self.out)), "seconds": 0.0,
+                            "cpu_s": None, "limit_s": None, "note": ""})
         if limit < minimum:
             for record in records:
                 record["note"] = f"out of time ({max(limit, 0):.0f} s left)"
@@ -221,10 +201,7 @@ class Runner:
                 record["note"] = f"killed after {limit:.0f} s"
             output.close()
             record["seconds"] = round(time.monotonic() - started, 1)
-            verdict = {"ok": "ok", "failed": f"FAILED (exit {record['returncode']})",
-                       "timeout": "TIMEOUT"}[record["status"]]
-            self.say(f"{record['name']}: {verdict} in {record['seconds']:.1f} s "
-                     f"(log {record['log']})")
+            self.say(f"{record['name']}: {status_text(record)} (log {record['log']})")
             if record["status"] != "ok":
                 tail = (self.out / record["log"]).read_text(errors="replace")
                 print("\n".join(f"    | {line[:200]}" for line in
@@ -235,20 +212,19 @@ class Runner:
 
 
 def children_cpu_seconds() -> float:
-    """CPU time of the finished commands and the processes they waited for."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
 
 
 def stop_group(process: subprocess.Popen) -> None:
     """SIGTERM the command's process group (workers, torchrun's children), then SIGKILL."""
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+    for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(process.pid, sig)
         except ProcessLookupError:
             return
         try:
-            process.wait(timeout=wait)
+            process.wait(timeout=10)
             return
         except subprocess.TimeoutExpired:
             continue
@@ -256,8 +232,7 @@ def stop_group(process: subprocess.Popen) -> None:
 
 def display(argv: list[str]) -> str:
     """The command as one would type it from the repository root."""
-    shown = ["python" if arg == sys.executable else arg for arg in argv]
-    return " ".join(shlex.quote(arg) for arg in shown)
+    return " ".join(shlex.quote("python" if arg == sys.executable else arg) for arg in argv)
 
 
 def child_environment() -> dict[str, str]:
@@ -274,6 +249,51 @@ def read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
+# ---- the preflight ------------------------------------------------------------------------
+
+
+def preflight_report() -> dict[str, Any]:
+    """What this machine has, found without building any model: run in a child process (the
+    suite itself imports neither torch nor the project)."""
+    import importlib.util
+
+    def installed(name: str) -> bool:
+        try:
+            return importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            return False
+
+    report: dict[str, Any] = {"pytest": installed("pytest"),
+                              "transformers": installed("transformers"),
+                              "flash_attn_cute": installed("flash_attn")
+                              and installed("flash_attn.cute")}
+    import torch
+
+    cuda = torch.cuda.is_available()
+    report.update(torch=torch.__version__, cuda=torch.version.cuda, cuda_available=cuda,
+                  gpu=torch.cuda.get_device_name(0) if cuda else None,
+                  capability=list(torch.cuda.get_device_capability(0)) if cuda else None)
+    from prefixdpo.kernels.log_probs import half_matmuls_work
+    from prefixdpo.model.attention import flex_kernel_options
+
+    report["bf16_matmuls"] = half_matmuls_work(torch.device("cuda")) if cuda else None
+    try:
+        flex_kernel_options("flash")
+        report["flash"], report["flash_reason"] = True, ""
+    except ValueError as e:
+        report["flash"], report["flash_reason"] = False, str(e)
+    return report
+
+
+def part_preflight(ctx: Context) -> dict[str, Any]:
+    path = ctx.out / "json" / "preflight.json"
+    argv = [sys.executable, str(Path(__file__).resolve()), "--preflight", str(path)]
+    record = ctx.runner.run("preflight", argv, 60, minimum=1)
+    found = read_json(path) or {}
+    ctx.report["preflight"] = {**found, "command": record}
+    return found
+
+
 # ---- the parts ----------------------------------------------------------------------------
 
 
@@ -286,9 +306,7 @@ class Context:
     runner: Runner
     models: dict[str, str]               # throughput.py --model: "hh" and "profiles"
     report: dict[str, Any]
-
-    def part_deadline(self, name: str) -> float:
-        return time.monotonic() + self.plan.caps[name]
+    knobs: list[Knob]                    # the knobs the preflight keeps
 
     def json_path(self, name: str) -> Path:
         return self.out / "json" / f"{name}.json"
@@ -318,10 +336,12 @@ def gpu_test_groups(processes: int) -> list[list[str]]:
 
 # Relative expected time of the GPU test files (compilations, launched runs); others count 1.
 GPU_TEST_WEIGHTS = {"test_flex_cuda.py": 3.0, "test_train_run_cuda.py": 3.0,
-                "test_fsdp_cuda.py": 2.0, "test_reference_eval_cuda.py": 2.0}
+                    "test_fsdp_cuda.py": 2.0, "test_reference_eval_cuda.py": 2.0}
 
 
 def part_tests(ctx: Context) -> dict[str, Any]:
+    if ctx.report["preflight"].get("pytest") is False:
+        return {"status": "skipped: pytest is not installed", "commands": [], "results": None}
     commands, xmls = [], []
     groups = gpu_test_groups(ctx.plan.test_processes)
     for index, paths in enumerate(groups):
@@ -332,8 +352,7 @@ def part_tests(ctx: Context) -> dict[str, Any]:
         commands.append((name, [sys.executable, "-m", "pytest", "-m", "gpu", *paths, "-v",
                                 "-rA", "--durations=0", "-p", "no:cacheprovider",
                                 f"--junitxml={xml}"]))
-    records = ctx.runner.run_together(commands, ctx.plan.caps["tests"],
-                                      ctx.part_deadline("tests"))
+    records = ctx.runner.run_together(commands, ctx.plan.caps["tests"])
     tests, summaries = [], []
     for record, xml in zip(records, xmls):
         log = ctx.out / record["log"]
@@ -354,28 +373,26 @@ def part_loss(ctx: Context) -> dict[str, Any]:
     path = ctx.json_path("dpo_loss")
     argv = [sys.executable, "benchmarks/dpo_loss.py", "--device", ctx.plan.device,
             ctx.plan.loss_size, "--json", str(path)]
-    record = ctx.runner.run("loss benchmark", argv, ctx.plan.caps["loss"],
-                            ctx.part_deadline("loss"))
+    record = ctx.runner.run("loss benchmark", argv, ctx.plan.caps["loss"])
     return {"status": record["status"], "commands": [record], "results": read_json(path)}
 
 
 def throughput_command(ctx: Context, *flags: str, json_path: Path, model: str = "hh"
                        ) -> list[str]:
     return [sys.executable, "benchmarks/throughput.py", "--model", ctx.models[model],
-            "--device", ctx.plan.device, *ctx.plan.throughput_extra, *flags, "--json",
-            str(json_path)]
+            "--device", ctx.plan.device, "--packing-length", ctx.plan.packing_length,
+            *ctx.plan.throughput_extra, *flags, "--json", str(json_path)]
 
 
 def hh_flags(ctx: Context, layouts: tuple[str, ...]) -> tuple[str, ...]:
     return ("--data", HH_DATA, "--tokenizer", TOKENIZER, "--pairs", str(ctx.plan.hh_pairs),
-            "--packing-length", ctx.plan.hh_packing_length, "--layouts", ",".join(layouts))
+            "--layouts", ",".join(layouts))
 
 
 def part_throughput_hh(ctx: Context) -> dict[str, Any]:
     path = ctx.json_path("throughput-hh-rlhf")
-    argv = throughput_command(ctx, *hh_flags(ctx, LAYOUTS), json_path=path)
-    record = ctx.runner.run("throughput, HH-RLHF pairs", argv, ctx.plan.caps["throughput-hh"],
-                            ctx.part_deadline("throughput-hh"))
+    argv = throughput_command(ctx, *hh_flags(ctx, HH_LAYOUTS), json_path=path)
+    record = ctx.runner.run("throughput, HH-RLHF pairs", argv, ctx.plan.caps["throughput-hh"])
     return {"status": record["status"], "commands": [record], "results": read_json(path)}
 
 
@@ -386,32 +403,28 @@ def part_throughput_profiles(ctx: Context) -> dict[str, Any]:
         str(ctx.plan.profile_paired_tokens), "--layouts", ",".join(PROFILE_LAYOUTS),
         json_path=path, model="profiles")
     record = ctx.runner.run("throughput, synthetic profiles", argv,
-                            ctx.plan.caps["throughput-profiles"],
-                            ctx.part_deadline("throughput-profiles"))
-    # Rewritten after each profile: a run cut short keeps the profiles it finished.
+                            ctx.plan.caps["throughput-profiles"])
     return {"status": record["status"], "commands": [record], "results": read_json(path)}
 
 
 def part_knobs(ctx: Context) -> dict[str, Any]:
-    deadline = ctx.part_deadline("knobs")
+    cap = ctx.plan.caps["knobs"]
     commands: list[dict[str, Any]] = []
     baseline_report = (ctx.report["parts"].get("throughput-hh") or {}).get("results")
     source = "part throughput-hh"
     if not shared_packed(baseline_report):
         path = ctx.json_path("knob-baseline")
         argv = throughput_command(ctx, *hh_flags(ctx, ("shared+packed",)), json_path=path)
-        commands.append(ctx.runner.run("knob baseline", argv, ctx.plan.knob_cap, deadline,
-                                       ctx.plan.knob_min))
+        commands.append(ctx.runner.run("knob baseline", argv, cap, minimum=cap))
         baseline_report, source = read_json(path), "its own run"
     baseline = shared_packed(baseline_report)
-    options, supported = throughput_options(ctx, baseline_report, commands, deadline)
     runs: list[dict[str, Any]] = []
     results = {"baseline": baseline, "baseline_source": source, "runs": runs}
     for knob in KNOBS:
         row: dict[str, Any] = {"knob": knob.label, "setting": knob.setting,
                                "flags": list(knob.flags), "status": "skipped", "note": ""}
-        if knob.option not in options:
-            row["note"] = f"throughput.py has no {knob.option} option yet"
+        if knob not in ctx.knobs:
+            row["status"], row["note"] = knob_reason(knob, ctx.report)
         elif knob.cuda_only and ctx.plan.device != "cuda":
             row["note"] = "no effect on a CPU (dry run)"
         else:
@@ -419,16 +432,15 @@ def part_knobs(ctx: Context) -> dict[str, Any]:
             path = ctx.json_path(slug.strip("-"))
             argv = throughput_command(ctx, *hh_flags(ctx, ("shared+packed",)), *knob.flags,
                                       json_path=path)
-            record = ctx.runner.run(f"knob: {knob.label} {knob.setting}", argv,
-                                    ctx.plan.knob_cap, deadline, ctx.plan.knob_min)
+            # Only with its whole cap left: a knob cut short measures nothing.
+            record = ctx.runner.run(f"knob: {knob.label} {knob.setting}", argv, cap,
+                                    minimum=cap)
             commands.append(record)
             row["status"], row["note"] = record["status"], record["note"]
-            if record["status"] == "failed":  # its last line says why (an error, a refusal)
+            if record["status"] == "failed":  # its last line says why
                 lines = (ctx.out / record["log"]).read_text(errors="replace").split("\n")
                 row["note"] = next((line.strip() for line in reversed(lines) if line.strip()),
                                    "")[:200]
-                if "not supported yet" in row["note"]:
-                    row["status"] = "unsupported"
             figures = shared_packed(read_json(path))
             if figures:
                 row.update(figures)
@@ -441,6 +453,15 @@ def part_knobs(ctx: Context) -> dict[str, Any]:
     return {"status": status, "commands": commands, "results": results}
 
 
+def knob_reason(knob: Knob, report: dict[str, Any]) -> tuple[str, str]:
+    """(status, note) of a knob that is not run: what the preflight found, or the budget."""
+    preflight = report.get("preflight", {})
+    if knob.requires and not preflight.get(knob.requires):
+        return "unsupported", preflight.get(f"{knob.requires}_reason") or \
+            f"the preflight found no {knob.requires}"
+    return "skipped", "not in the budget: the parts and the knobs before it fill it"
+
+
 def shared_packed(report: dict[str, Any] | None) -> dict[str, Any] | None:
     """The shared+packed figures of a throughput report, if it has them."""
     layout = ((report or {}).get("layouts") or {}).get("shared+packed")
@@ -451,22 +472,6 @@ def shared_packed(report: dict[str, Any] | None) -> dict[str, Any] | None:
     return {k: layout.get(k) for k in keys}
 
 
-def throughput_options(ctx: Context, report: dict[str, Any] | None,
-                       commands: list[dict[str, Any]], deadline: float
-                       ) -> tuple[set[str], dict[str, Any]]:
-    """The options throughput.py accepts, and the knobs it reports as supported: from a report
-    it wrote (its `args` are its parsed options), else from `--help`."""
-    if report and "args" in report:
-        options = {"--" + key.replace("_", "-") for key in report["args"]}
-        return options, report.get("supported", {})
-    argv = [sys.executable, "benchmarks/throughput.py", "--help"]
-    record = ctx.runner.run("throughput.py --help", argv, 60, deadline)
-    commands.append(record)
-    text = (ctx.out / record["log"]).read_text(errors="replace") \
-        if record["status"] == "ok" else ""
-    return set(re.findall(r"--[a-z][a-z0-9-]*", text)), {}
-
-
 PARTS: dict[str, tuple[str, Callable[[Context], dict[str, Any]]]] = {
     "tests": ("GPU tests", part_tests),
     "throughput-hh": ("Throughput: HH-RLHF pairs", part_throughput_hh),
@@ -474,6 +479,24 @@ PARTS: dict[str, tuple[str, Callable[[Context], dict[str, Any]]]] = {
     "loss": ("Loss and log-prob kernel", part_loss),
     "knobs": ("Speed knobs", part_knobs),
 }
+
+
+def kept_knobs(preflight: dict[str, Any], plan: Plan, parts: list[str], budget: float
+               ) -> list[Knob]:
+    """The knobs this machine can run (the preflight's finding) that the budget holds, whole,
+    after the other parts' caps."""
+    runnable = [k for k in KNOBS if k.requires is None or preflight.get(k.requires)]
+    if "knobs" not in parts:
+        return runnable
+    room = budget - sum(plan.part_cap(name, 0) for name in parts if name != "knobs")
+    return runnable[:max(int(room // plan.caps["knobs"]), 0)]
+
+
+def plan_lines(plan: Plan, parts: list[str], knobs: int, budget: float) -> list[str]:
+    """`part NAME cap SECONDS` per part in run order, then `total SECONDS budget SECONDS`."""
+    caps = [(name, plan.part_cap(name, knobs)) for name in parts]
+    return [f"part {name} cap {cap:.0f}" for name, cap in caps] + \
+        [f"total {sum(cap for _, cap in caps):.0f} budget {budget:.0f}"]
 
 
 # ---- parsing pytest's output --------------------------------------------------------------
@@ -538,7 +561,9 @@ def pytest_summary(path: Path) -> str:
 # ---- environment and outputs --------------------------------------------------------------
 
 
-def environment(device: str) -> dict[str, Any]:
+def environment() -> dict[str, Any]:
+    """Date, commit and the host; the GPU's name, memory and driver from nvidia-smi (torch's
+    view of it comes from the preflight)."""
     def run(*argv: str) -> str:
         try:
             return subprocess.run(argv, capture_output=True, text=True, check=True, cwd=REPO,
@@ -553,32 +578,12 @@ def environment(device: str) -> dict[str, Any]:
         # Unknown (None) in a copy of the working tree without its git folder.
         "uncommitted_changes": bool(run("git", "status", "--porcelain")) if commit else None,
         "python": platform.python_version(), "machine": platform.machine(),
-        "cpus": os.cpu_count()}
-    info["torch"], info["cuda"], info["cuda_available"] = None, None, False
-    if device == "cuda":
-        try:
-            import torch
-
-            info["torch"], info["cuda"] = torch.__version__, torch.version.cuda
-            info["cuda_available"] = torch.cuda.is_available()
-        except ImportError:
-            pass
-    else:  # the version without importing torch (seconds of a CPU rehearsal)
-        try:
-            info["torch"] = importlib.metadata.version("torch")
-        except importlib.metadata.PackageNotFoundError:
-            pass
+        "cpus": os.cpu_count(), "gpu": None}
     gpu = run("nvidia-smi", "--query-gpu=name,memory.total,driver_version",
               "--format=csv,noheader")
     if gpu:
         name, memory, driver = (field.strip() for field in gpu.splitlines()[0].split(","))
         info.update(gpu=name, gpu_memory=memory, driver=driver)
-    elif device == "cuda" and info["cuda_available"]:
-        import torch
-
-        info["gpu"] = torch.cuda.get_device_name(0)
-    else:
-        info["gpu"] = None
     return info
 
 
@@ -601,30 +606,32 @@ def fmt(value: Any, spec: str) -> str:
 
 def table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return lines
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
 def render_markdown(report: dict[str, Any]) -> str:
     env, suite, parts = report["environment"], report["suite"], report["parts"]
-    date = env["date"][:10]
-    hardware = env.get("gpu") or f"CPU ({env['machine']}, {env['cpus']} cores)"
+    pre = report.get("preflight", {})
+    hardware = env.get("gpu") or pre.get("gpu") or \
+        f"CPU ({env['machine']}, {env['cpus']} cores)"
     title = "GPU suite" if not suite["dry_run"] else "GPU suite, dry run on a CPU (toy sizes)"
     changes = {True: " (with uncommitted changes)", False: "",
                None: " (uncommitted changes unknown)"}[env["uncommitted_changes"]]
-    lines = [f"## {date}: {hardware}, commit {env['commit'] or 'unknown'}{changes}: {title}",
-             ""]
+    lines = [f"## {env['date'][:10]}: {hardware}, commit {env['commit'] or 'unknown'}{changes}:"
+             f" {title}", ""]
     memory = f" ({env['gpu_memory']}, driver {env['driver']})" if env.get("gpu_memory") else ""
-    lines += [f"Hardware: {hardware}{memory}; torch {env['torch']}, CUDA {env['cuda']}, "
+    lines += [f"Hardware: {hardware}{memory}; torch {pre.get('torch')}, CUDA {pre.get('cuda')}, "
               f"Python {env['python']}. Command: `{suite['command']}`, "
               f"{suite['seconds'] / 60:.1f} min in all (budget {suite['budget']:.0f} s).", ""]
     if suite["dry_run"]:
         lines += ["A rehearsal: toy sizes on a CPU, GPU tests skipped; the figures mean "
                   "nothing.", ""]
+    lines += render_preflight(pre) + [""]
     for name, part in parts.items():
         lines += [f"### {PARTS[name][0]}", ""]
-        for command in part["commands"]:
-            lines.append(f"`{command['command']}`: {status_text(command)}")
+        lines += [f"`{c['command']}`: {status_text(c)}" for c in part["commands"]]
+        if not part["commands"]:
+            lines.append(part["status"])
         lines.append("")
         try:
             lines += RENDERERS[name](part.get("results"), report)
@@ -634,8 +641,22 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += ["### Commands", ""]
     rows = [[name, c["name"], status_text(c), f"`{c['command']}`"]
             for name, part in parts.items() for c in part["commands"]]
-    lines += table(["part", "command", "status", "command line"], rows) + [""]
-    return "\n".join(lines)
+    return "\n".join(lines + table(["part", "command", "status", "command line"], rows) + [""])
+
+
+def render_preflight(pre: dict[str, Any]) -> list[str]:
+    if not pre.get("command"):
+        return ["Preflight: not run."]
+    missing = [name for name in ("pytest", "transformers", "flash_attn_cute")
+               if pre.get(name) is False]
+    probe = {True: "work (logits in float32 from bfloat16 operands; no float32 copy of the "
+                   "head)", False: "FAIL: every half-precision call copies the [V, D] head "
+                                   "weight to float32",
+             None: "not probed (no CUDA)"}[pre.get("bf16_matmuls")]
+    return [f"Preflight: {status_text(pre['command'])}; capability {pre.get('capability')}; "
+            f"missing: {', '.join(missing) or 'nothing'}; the log-prob kernel's bfloat16 "
+            f"matmuls {probe}; FLASH backend: "
+            f"{'available' if pre.get('flash') else pre.get('flash_reason') or '-'}."]
 
 
 def status_text(command: dict[str, Any]) -> str:
@@ -688,27 +709,19 @@ LAYOUT_COLUMNS = [("layout", None, None), ("steps", "steps", "d"), ("pairs", "pa
                   ("x paired+packed", "speedup_vs_paired+packed", ".2f")]
 
 
-def layout_table(layouts: dict[str, dict[str, Any]]) -> list[str]:
-    rows = [[name] + [fmt(r.get(key), spec) for _, key, spec in LAYOUT_COLUMNS[1:]]
-            for name, r in layouts.items()]
-    return table([c[0] for c in LAYOUT_COLUMNS], rows)
-
-
-def data_line(report: dict[str, Any]) -> str:
-    data, model = report["data"], report["model"]
-    return (f"{model['name']} ({model['num_params'] / 1e6:.0f}M parameters, random init); "
-            f"{data['source']}: {data['num_pairs']} pairs, packing length "
-            f"{data['packing_length']}, {data['tokens_per_micro_batch']} tokens per "
-            f"micro-batch, token-ratio ceiling {data['token_ratio_ceiling']:.3f}.")
-
-
 def render_throughput_hh(results: dict[str, Any] | None, report: dict[str, Any]) -> list[str]:
     if not results or "layouts" not in results:
         return ["No results (see the log)."]
-    lines = [data_line(results), ""] + layout_table(results["layouts"])
-    for layout, message in results.get("failures", {}).items():
-        lines.append(f"\n{layout}: FAILED: {message}")
-    return lines
+    data, model = results["data"], results["model"]
+    lines = [f"{model['name']} ({model['num_params'] / 1e6:.0f}M parameters, random init); "
+             f"{data['source']}: {data['num_pairs']} pairs, packing length "
+             f"{data['packing_length']}, {data['tokens_per_micro_batch']} tokens per "
+             f"micro-batch, token-ratio ceiling {data['token_ratio_ceiling']:.3f}.", ""]
+    rows = [[name] + [fmt(r.get(key), spec) for _, key, spec in LAYOUT_COLUMNS[1:]]
+            for name, r in results["layouts"].items()]
+    lines += table([c[0] for c in LAYOUT_COLUMNS], rows)
+    return lines + [f"\n{layout}: FAILED: {message}"
+                    for layout, message in results.get("failures", {}).items()]
 
 
 def render_profiles(results: dict[str, Any] | None, report: dict[str, Any]) -> list[str]:
@@ -721,23 +734,21 @@ def render_profiles(results: dict[str, Any] | None, report: dict[str, Any]) -> l
     rows = []
     for name, dataset in results["datasets"].items():
         row, layouts = summary.get(name, {}), dataset["layouts"]
-        ratio = row.get("shared_packed_vs_paired_packed")
-        ceiling = row.get("token_ratio_ceiling")
-        share = ratio / ceiling if ratio and ceiling else None
-        packed = [layouts.get(k, {}) for k in PROFILE_LAYOUTS]
+        ratio, ceiling = row.get("shared_packed_vs_paired_packed"), row.get("token_ratio_ceiling")
+        packed = [layouts.get(k, {}) for k in ("paired+packed", "shared+packed")]
         rows.append([name, str(dataset["data"]["num_pairs"]), fmt(ceiling, ".2f"),
-                     fmt(ratio, ".2f"), fmt(share, ".0%"), fmt(row.get("paper_packed"), ".2f"),
+                     fmt(ratio, ".2f"), fmt(ratio / ceiling if ratio and ceiling else None,
+                                            ".0%"), fmt(row.get("paper_packed"), ".2f"),
                      *(fmt(p.get("pairs_per_s"), ".4g") for p in packed),
                      *(fmt(p.get("mfu"), ".1%") for p in packed),
                      fmt(max((p.get("peak_memory_gib") or 0 for p in packed), default=None),
                          ".1f")])
-    header = ["profile", "pairs", "token ratio", "s+pk / p+pk", "of ceiling", "paper (packed)",
-              "pairs/s p+pk", "pairs/s s+pk", "MFU p+pk", "MFU s+pk", "peak GiB"]
-    lines += table(header, rows)
-    for name, dataset in results["datasets"].items():
-        for layout, message in dataset.get("failures", {}).items():
-            lines.append(f"\n{name} {layout}: FAILED: {message}")
-    return lines
+    lines += table(["profile", "pairs", "token ratio", "s+pk / p+pk", "of ceiling",
+                    "paper (packed)", "pairs/s p+pk", "pairs/s s+pk", "MFU p+pk", "MFU s+pk",
+                    "peak GiB"], rows)
+    return lines + [f"\n{name} {layout}: FAILED: {message}"
+                    for name, dataset in results["datasets"].items()
+                    for layout, message in dataset.get("failures", {}).items()]
 
 
 def render_knobs(results: dict[str, Any] | None, report: dict[str, Any]) -> list[str]:
@@ -745,7 +756,7 @@ def render_knobs(results: dict[str, Any] | None, report: dict[str, Any]) -> list
         return ["No results (see the log)."]
     base = results.get("baseline") or {}
     lines = [f"shared+packed on the HH-RLHF pairs; the baseline ({results['baseline_source']})"
-             " runs the defaults: no activation checkpointing, block size 128, the default "
+             " runs the defaults: no activation checkpointing, block size 128, the Triton "
              "FlexAttention backend, compile mode default.", ""]
     rows = [["baseline", "default", fmt(base.get("pairs_per_s"), ".4g"),
              fmt(base.get("tokens_per_s"), ".0f"), fmt(base.get("mfu"), ".1%"),
@@ -771,57 +782,74 @@ RENDERERS = {"tests": render_tests, "throughput-hh": render_throughput_hh,
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="folder for the markdown, JSON and logs")
+    p.add_argument("--out", help="folder for the markdown, JSON and logs")
     p.add_argument("--dry-run", action="store_true",
                    help="every part at toy sizes on the CPU (a rehearsal)")
-    p.add_argument("--budget", type=float, help="seconds for everything (default 450; dry "
-                   "run 300)")
+    p.add_argument("--plan", action="store_true",
+                   help="print each part's cap and the total against the budget, run nothing")
+    p.add_argument("--budget", type=float, help=f"seconds for everything (default "
+                   f"{GPU_PLAN.budget:.0f}; dry run {DRY_RUN_PLAN.budget:.0f})")
     p.add_argument("--commit", help="the commit to report when the folder is a copy of the "
                    "working tree without git (default: git rev-parse)")
     p.add_argument("--parts", default=",".join(PARTS),
                    help=f"comma-separated subset of {', '.join(PARTS)}")
+    p.add_argument("--preflight", metavar="JSON", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.preflight:
+        return args
+    if not args.out:
+        p.error("--out is required")
     args.parts = [s.strip() for s in args.parts.split(",") if s.strip()]
     unknown = [s for s in args.parts if s not in PARTS]
     if unknown or not args.parts:
-        raise SystemExit(f"--parts: unknown {unknown}; expected some of {', '.join(PARTS)}")
+        p.error(f"--parts: unknown {unknown}; expected some of {', '.join(PARTS)}")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.preflight:
+        Path(args.preflight).write_text(json.dumps(preflight_report(), indent=2) + "\n")
+        return 0
     plan = DRY_RUN_PLAN if args.dry_run else GPU_PLAN
     budget = args.budget or plan.budget
     out = Path(args.out).resolve()
     for folder in (out, out / "logs", out / "json"):
         folder.mkdir(parents=True, exist_ok=True)
-    env_info = environment(plan.device)
+    env = child_environment()
+    if args.dry_run:  # the CPU suite rehearses the GPU tests themselves; here they skip
+        env["PREFIXDPO_GPU_REHEARSAL"] = "0"
+    runner = Runner(out, time.monotonic() + budget, env, args.out)
+    command = display([sys.executable, "benchmarks/gpu_suite.py",
+                       *(argv if argv is not None else sys.argv[1:])])
+    report: dict[str, Any] = {
+        "environment": environment(),
+        "suite": {"command": command, "dry_run": args.dry_run, "budget": budget,
+                  "parts": args.parts, "plan": dataclasses.asdict(plan),
+                  "_start": time.monotonic()},
+        "parts": {}}
     if args.commit:
-        env_info["commit"] = args.commit
-    if not args.dry_run and not env_info["cuda_available"]:
+        report["environment"]["commit"] = args.commit
+    runner.say(f"GPU suite{' (dry run on the CPU)' if args.dry_run else ''}: commit "
+               f"{report['environment']['commit']}, budget {budget:.0f} s; writing {out}")
+    preflight = part_preflight(Context(plan, out, runner, {}, report, []))
+    knobs = kept_knobs(preflight, plan, args.parts, budget)
+    lines = plan_lines(plan, args.parts, len(knobs), budget)
+    report["suite"]["plan_lines"] = lines
+    runner.say("preflight: " + ", ".join(f"{k} {v}" for k, v in preflight.items()
+                                          if not k.endswith("_reason")))
+    print("\n".join(lines), flush=True)
+    write_outputs(out, report)
+    if args.plan:
+        return 0
+    if not args.dry_run and not preflight.get("cuda_available"):
         raise SystemExit("no CUDA device: run on a GPU machine, or rehearse with --dry-run")
     models = {"hh": plan.model, "profiles": plan.profile_model}
     if args.dry_run:
         for key, config in (("hh", DRY_RUN_MODEL), ("profiles", DRY_RUN_PROFILE_MODEL)):
             models[key] = str(out / f"dry-run-model-{key}.json")
             Path(models[key]).write_text(json.dumps(config, indent=2) + "\n")
-    command = display([sys.executable, "benchmarks/gpu_suite.py",
-                       *(argv if argv is not None else sys.argv[1:])])
-    report: dict[str, Any] = {
-        "environment": env_info,
-        "suite": {"command": command, "dry_run": args.dry_run, "budget": budget,
-                  "parts": args.parts, "plan": dataclasses.asdict(plan),
-                  "_start": time.monotonic()},
-        "parts": {}}
-    env = child_environment()
-    if args.dry_run:  # the CPU suite rehearses the GPU tests themselves; here they skip
-        env["PREFIXDPO_GPU_REHEARSAL"] = "0"
-    runner = Runner(out, time.monotonic() + budget, env, args.out)
-    ctx = Context(plan, out, runner, models, report)
-    runner.say(f"GPU suite{' (dry run on the CPU)' if args.dry_run else ''}: "
-               f"{env_info.get('gpu') or 'no GPU'}, torch {env_info['torch']}, "
-               f"commit {env_info['commit']}, budget {budget:.0f} s, parts "
-               f"{', '.join(args.parts)}; writing {out}")
+    ctx = Context(plan, out, runner, models, report, knobs)
     for name in args.parts:
         title, function = PARTS[name]
         runner.say(f"== {title}")

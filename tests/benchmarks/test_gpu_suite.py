@@ -1,6 +1,7 @@
-"""The GPU suite, rehearsed on the CPU: `gpu_suite.py --dry-run` runs every part at toy sizes
-and writes the markdown block, the JSON of every figure and the logs, with the sections and
-figures the GPU run will fill; and its runner stops a command at its time limit and goes on."""
+"""The GPU suite, rehearsed on the CPU: `gpu_suite.py --dry-run` runs the preflight and every
+part at toy sizes and writes the markdown block, the JSON of every figure and the logs, with
+the sections and figures the GPU run will fill; `--plan` prints caps that fit the budget; its
+runner stops a command at its time limit and goes on."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "gpu_suite.py"
-LAYOUTS = ["paired", "paired+packed", "shared", "shared+packed"]
+LAYOUTS = ["shared+packed", "paired+packed", "paired", "shared"]  # most important first
 PROFILES = ["capybara", "hh-rlhf", "metamath-dpo", "tldr", "tulu-helpsteer", "ultrafeedback"]
 PARTS = ["tests", "throughput-hh", "throughput-profiles", "loss", "knobs"]
 
@@ -48,10 +49,17 @@ def dry_run(tmp_path_factory) -> tuple[Path, dict, str]:
 def test_every_part_runs_and_is_written_up(dry_run):
     out, report, markdown = dry_run
     env = report["environment"]
-    assert env["commit"] and env["torch"] and env["date"]
+    assert env["commit"] and env["date"] and report["preflight"]["torch"]
     assert markdown.startswith(f"## {env['date'][:10]}: CPU")
     assert report["suite"]["dry_run"] and report["suite"]["seconds"] > 0
     assert list(report["parts"]) == PARTS
+    # The preflight, before any model: what is installed, and the bf16 probe's outcome (no
+    # CUDA here: not probed), in the JSON and the markdown.
+    preflight = report["preflight"]
+    assert preflight["command"]["status"] == "ok" and preflight["torch"]
+    assert preflight["pytest"] is True and preflight["bf16_matmuls"] is None
+    assert preflight["flash"] is False and "CUDA" in preflight["flash_reason"]
+    assert "Preflight: ok" in markdown and "bfloat16 matmuls not probed (no CUDA)" in markdown
     for name, part in report["parts"].items():
         assert part["status"] == "ok", (name, part["status"])
         assert part["commands"], name
@@ -106,7 +114,7 @@ def test_throughput_figures(dry_run):
     assert list(profiles["datasets"]) == PROFILES
     for name in PROFILES:
         layouts = profiles["datasets"][name]["layouts"]
-        assert list(layouts) == ["paired+packed", "shared+packed"], name
+        assert list(layouts) == ["shared+packed", "paired+packed"], name
         row = profiles["summary"][name]
         assert row["token_ratio_ceiling"] > 1.0, name
         assert row["shared_packed_vs_paired_packed"] == pytest.approx(
@@ -137,27 +145,59 @@ def test_loss_and_knob_figures(dry_run):
     assert checkpointing["status"] == "ok" and checkpointing["pairs_per_s"] > 0
     assert checkpointing["vs_baseline"] == pytest.approx(
         checkpointing["pairs_per_s"] / baseline["pairs_per_s"])
-    # The others do nothing on a CPU, or are not offered yet: skipped, each with its reason.
-    for key in (("FlexAttention block size", "64"), ("FlexAttention backend", "flash"),
-                ("FlexAttention backend", "triton"),
-                ("torch.compile mode", "max-autotune-no-cudagraphs")):
-        assert runs[key]["status"] in ("skipped", "unsupported") and runs[key]["note"], key
+    # The others do nothing on a CPU, or cannot run here: skipped, each with its reason.
+    assert set(runs) == {("activation checkpointing", "on"), ("FlexAttention backend", "flash"),
+                         ("FlexAttention block size", "64")}
+    assert runs[("FlexAttention block size", "64")]["status"] == "skipped"
+    assert runs[("FlexAttention block size", "64")]["note"] == "no effect on a CPU (dry run)"
+    flash = runs[("FlexAttention backend", "flash")]
+    assert flash["status"] == "unsupported" and "needs a CUDA GPU" in flash["note"]
+    for key in runs:
         assert f"| {key[0]} | {key[1]} |" in markdown
-    assert runs[("torch.compile mode", "max-autotune-no-cudagraphs")]["note"] == \
-        "no effect on a CPU (dry run)"
+
+
+def test_the_plan_fits_the_budget(tmp_path):
+    """`--plan`: one `part NAME cap SECONDS` line per part in run order, then the total, which
+    the budget holds; the knobs part holds whole knob runs only."""
+    run = subprocess.run([sys.executable, str(SCRIPT), "--plan", "--out", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    lines = [line for line in run.stdout.splitlines()
+             if line.startswith(("part ", "total "))]
+    parts = [line.split() for line in lines[:-1]]
+    assert [p[1] for p in parts] == PARTS and all(p[2] == "cap" for p in parts)
+    total, budget = (float(x) for x in lines[-1].split()[1::2])
+    assert lines[-1].split()[::2] == ["total", "budget"]
+    assert total == sum(float(p[3]) for p in parts) <= budget
+    knobs = dict((p[1], float(p[3])) for p in parts)["knobs"]
+    assert knobs > 0 and knobs % 60 == 0
+    assert not (tmp_path / "logs" / "02-gpu-tests.log").exists()  # nothing else ran
+
+
+def test_knobs_beyond_the_budget_are_dropped(suite):
+    """The knobs the preflight keeps, in priority order, as many as the budget holds whole."""
+    plan, parts = suite.GPU_PLAN, list(suite.PARTS)
+    others = sum(plan.part_cap(name, 0) for name in parts if name != "knobs")
+    everything = {"flash": True}
+    assert len(suite.kept_knobs(everything, plan, parts, others + 3 * 60)) == 3
+    kept = suite.kept_knobs(everything, plan, parts, others + 2 * 60 + 59)
+    assert [k.setting for k in kept] == ["on", "flash"]
+    assert [k.setting for k in suite.kept_knobs({}, plan, parts, others + 3 * 60)] == \
+        ["on", "64"]
+    lines = suite.plan_lines(plan, parts, 2, plan.budget)
+    assert lines[-1] == f"total {others + 120:.0f} budget {plan.budget:.0f}"
 
 
 def test_a_command_past_its_limit_is_stopped_and_the_next_runs(suite, tmp_path, monkeypatch):
     monkeypatch.setattr(suite, "MIN_COMMAND_S", 0.5)
     (tmp_path / "logs").mkdir()
     runner = suite.Runner(tmp_path, time.monotonic() + 120, suite.child_environment())
-    far = time.monotonic() + 120
     # A command whose own child would outlive it: the whole process group is stopped.
     hang = ("import subprocess, sys, time; "
             "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
             "print('child', child.pid, flush=True); time.sleep(120)")
     start = time.monotonic()
-    slow = runner.run("slow one", [sys.executable, "-c", hang], 3, far)
+    slow = runner.run("slow one", [sys.executable, "-c", hang], 3)
     assert slow["status"] == "timeout" and time.monotonic() - start < 30
     log = (tmp_path / slow["log"]).read_text()
     child = int(log.strip().splitlines()[-1].split()[-1])  # its last line: "child PID"
@@ -165,13 +205,16 @@ def test_a_command_past_its_limit_is_stopped_and_the_next_runs(suite, tmp_path, 
     while alive(child) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not alive(child)
-    failing = runner.run("failing", [sys.executable, "-c", "raise SystemExit(3)"], 60, far)
+    failing = runner.run("failing", [sys.executable, "-c", "raise SystemExit(3)"], 60)
     assert (failing["status"], failing["returncode"]) == ("failed", 3)
-    fine = runner.run("fine", [sys.executable, "-c", "print('fine')"], 60, far)
+    fine = runner.run("fine", [sys.executable, "-c", "print('fine')"], 60)
     assert fine["status"] == "ok" and "fine" in (tmp_path / fine["log"]).read_text()
-    late = runner.run("late", [sys.executable, "-c", "print('late')"], 60, time.monotonic())
+    whole = runner.run("whole", [sys.executable, "-c", "print('whole')"], 60, minimum=600)
+    assert whole["status"] == "skipped" and whole["note"].startswith("out of time")
+    runner.deadline = time.monotonic()
+    late = runner.run("late", [sys.executable, "-c", "print('late')"], 60)
     assert late["status"] == "skipped" and late["note"].startswith("out of time")
-    assert len({slow["log"], failing["log"], fine["log"], late["log"]}) == 4
+    assert len({slow["log"], failing["log"], fine["log"], whole["log"], late["log"]}) == 5
 
 
 def alive(pid: int) -> bool:
