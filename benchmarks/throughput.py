@@ -24,9 +24,10 @@ unpacked layouts: also one micro-batch of each extreme shape, so the compiler's 
 dynamic shapes happens there). `--rounds` R interleave the layouts: round r times each layout's
 pass in turn, so a drift of the machine's speed touches every layout alike; each ratio of
 pairs/s is computed within each round and reported as its median and range over the rounds.
-The layouts share one model and optimizer (the weights move a little with every step, which
-does not change the cost) and dynamo's cache: packed layouts of equal shapes compile once. The
-JSON (`--json`) is rewritten after every pass, so a run cut short keeps what it measured.
+The layouts, and the profiles, share one model and optimizer (the weights move a little with
+every step, which does not change the cost) and dynamo's cache: packed layouts of equal shapes
+compile once. The JSON (`--json`) is rewritten after every pass, so a run cut short keeps what
+it measured.
 
 Reported per layout (the median pass): pairs/s, non-padding tokens/s, padding, useful FLOP/s
 (`Training.step_flops`: the layers per token, the attention pairs the mask allows, the head
@@ -389,9 +390,11 @@ def round_ratios(runs: dict[str, LayoutRun]) -> dict[str, dict[str, Any]]:
 
 
 def measure_dataset(args: argparse.Namespace, env: Distributed, profile: str | None,
-                    publish: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+                    publish: Callable[[dict[str, Any]], None],
+                    trainings: dict[ModelConfig, Training]) -> dict[str, Any]:
     """Every layout on one dataset, `--rounds` times interleaved (see the module docstring);
-    `publish` receives the report after every pass."""
+    `publish` receives the report after every pass. `trainings` keeps the set-up of each model
+    config for the next datasets (the profiles share one: one model, one compile cache)."""
     cuda = env.device.type == "cuda"
     if profile is None:
         tokenizer = load_tokenizer(args.tokenizer)
@@ -434,7 +437,14 @@ def measure_dataset(args: argparse.Namespace, env: Distributed, profile: str | N
           f"{budget} tokens per micro-batch, grad_accum {args.grad_accum}, reference "
           f"{args.reference}, {args.warmup_steps} warm-up step(s), {args.rounds} round(s)",
           flush=True)
-    training = build_dataset_training(args, env, config, examples)
+    if config not in trainings:
+        trainings[config] = build_dataset_training(args, env, config)
+    training = trainings[config]
+    if args.reference == "precomputed":  # a stand-in table for this dataset's sequences
+        generator = torch.Generator().manual_seed(args.seed)
+        table = -100.0 * torch.rand(Numbering(examples).num_sequences, generator=generator) - 1
+        stand_in = TableReference(table.to(env.device))
+        training = dataclasses.replace(training, reference=stand_in, eval_reference=stand_in)
     runs = {layout: LayoutRun(layout, examples, training, args, packing_length)
             for layout in args.layouts}
     failures: dict[str, str] = {}
@@ -496,17 +506,14 @@ def measure_dataset(args: argparse.Namespace, env: Distributed, profile: str | N
     return result
 
 
-def build_dataset_training(args: argparse.Namespace, env: Distributed, config: ModelConfig,
-                           examples: list[Example]) -> Training:
-    """The trainer's set-up for this model; a precomputed reference is a stand-in table."""
+def build_dataset_training(args: argparse.Namespace, env: Distributed, config: ModelConfig
+                           ) -> Training:
+    """The trainer's set-up for this model; a precomputed reference is a stand-in table (set
+    per dataset), so there is no scoring pass."""
     cuda = env.device.type == "cuda"
     executor = choose_executor(args.attention, env.device, flex_backend=args.flex_backend,
                                block_size=args.block_size or FLEX_BLOCK_SIZE)
-    stand_in = None
-    if args.reference == "precomputed":
-        generator = torch.Generator().manual_seed(args.seed)
-        table = -100.0 * torch.rand(Numbering(examples).num_sequences, generator=generator) - 1
-        stand_in = TableReference(table.to(env.device))
+    stand_in = TableReference(torch.zeros(0)) if args.reference == "precomputed" else None
     return build_training(
         ModelSource(config, None, None, args.seed), env, executor,
         train=TrainSection(activation_checkpointing=args.activation_checkpointing,
@@ -723,6 +730,7 @@ def run(args: argparse.Namespace, env: Distributed) -> dict[str, Any]:
     names: list[str | None] = [None] if args.data else args.datasets
     several = len(names) > 1
     reports: dict[str, dict[str, Any]] = {}
+    trainings: dict[ModelConfig, Training] = {}
 
     def combined() -> dict[str, Any]:
         head = {"environment": {**info, "load_average_end": environment(env.device)[
@@ -741,7 +749,8 @@ def run(args: argparse.Namespace, env: Distributed) -> dict[str, Any]:
         if several:
             print(f"\n=== {name} ===", flush=True)
         publish(name or "data", measure_dataset(
-            args, env, name, lambda report, key=name or "data": publish(key, report)))
+            args, env, name, lambda report, key=name or "data": publish(key, report),
+            trainings))
     report = combined()
     if several:
         print("\nSummary: pairs/s ratios, median (range) over the rounds, beside the token-ratio "
