@@ -41,13 +41,12 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from measure import clock, synchronize
 from torch import Tensor
-
 
 from prefixdpo.kernels.log_probs import (DEFAULT_CHUNK_SIZE, linear_log_probs,
                                          reference_linear_log_probs)
@@ -234,11 +233,6 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def run_worker(spec: dict) -> dict:
     device = spec["device"]
     if spec["part"] == 1:
@@ -248,7 +242,7 @@ def run_worker(spec: dict) -> dict:
         dtype = getattr(torch, spec["dtype"])
         inputs = part2_inputs(spec["tokens"], spec["vocab"], spec["dim"], dtype, device)
         step = lambda: part2_step(spec["name"], inputs)  # noqa: E731
-    _sync(device)
+    synchronize(torch.device(device))
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -256,12 +250,10 @@ def run_worker(spec: dict) -> dict:
         base = _rss_bytes()
     times = []
     for index in range(spec["warmup"] + spec["repeats"]):
-        _sync(device)
-        start = time.perf_counter()
+        start = clock(torch.device(device))
         loss, grads = step()
-        _sync(device)
         if index >= spec["warmup"]:
-            times.append(time.perf_counter() - start)
+            times.append(clock(torch.device(device)) - start)
         if index == 0:
             # Values that the parent compares across implementations.
             check = {"loss": loss.item(),
@@ -278,7 +270,7 @@ def run_worker(spec: dict) -> dict:
             activities.append(torch.profiler.ProfilerActivity.CUDA)
         with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
             step()
-            _sync(device)
+            synchronize(torch.device(device))
         sort = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
         print(f"--- profile: {spec['label']}", flush=True)
         print(prof.key_averages().table(sort_by=sort, row_limit=12), flush=True)

@@ -273,8 +273,13 @@ def preflight_report() -> dict[str, Any]:
     report.update(torch=torch.__version__, cuda=torch.version.cuda, cuda_available=cuda,
                   gpu=torch.cuda.get_device_name(0) if cuda else None,
                   capability=list(torch.cuda.get_device_capability(0)) if cuda else None)
-    from prefixdpo.kernels.log_probs import half_matmuls_work
-    from prefixdpo.model.attention import flex_kernel_options
+    try:
+        from prefixdpo.kernels.log_probs import half_matmuls_work
+        from prefixdpo.model.attention import flex_kernel_options
+    except ImportError as e:
+        report["prefixdpo_error"] = (f"the project is not importable ({e}): install it with "
+                                     "pip install --no-deps --no-build-isolation -e .")
+        return report
 
     report["bf16_matmuls"] = half_matmuls_work(torch.device("cuda")) if cuda else None
     try:
@@ -842,6 +847,8 @@ def main(argv: list[str] | None = None) -> int:
     write_outputs(out, report)
     if args.plan:
         return 0
+    if preflight.get("prefixdpo_error"):
+        raise SystemExit(preflight["prefixdpo_error"])
     if not args.dry_run and not preflight.get("cuda_available"):
         raise SystemExit("no CUDA device: run on a GPU machine, or rehearse with --dry-run")
     models = {"hh": plan.model, "profiles": plan.profile_model}

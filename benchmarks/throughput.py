@@ -149,7 +149,7 @@ QUICK = dict(model="tiny", dataset="hh-rlhf", pairs=32, tokens_per_micro_batch=2
 # Default sizes: on the CPU every profile holds about CPU_PAIRED_TOKENS tokens in the paired
 # layout, so that a pass lasts seconds and CPU_ROUNDS interleaved rounds keep each ratio's
 # range within a few percent on a quiet machine; on CUDA one round of GPU_PAIRS pairs.
-CPU_PAIRED_TOKENS, CPU_ROUNDS, GPU_PAIRS = 60_000, 5, 2048
+CPU_PAIRED_TOKENS, CPU_ROUNDS, GPU_PAIRS = 16_000, 5, 2048
 
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cuda_helpers import (CUDA_MARKS, DEVICE, MIXED_PRECISION, TRAIN_EXECUTOR, cuda_config, fitted_examples,
-                          full_grads, graphs_compiled, loader_for, on_cuda, one_rank_group,
-                          relative)
+from cuda_helpers import (CUDA_MARKS, DEVICE, MIXED_PRECISION, TRAIN_EXECUTOR, cuda_config,
+                          fitted_examples, full_grads, graphs_compiled, loader_for, on_cuda,
+                          one_rank_group, relative)
 
 from prefixdpo.model.transformer import build_model
 

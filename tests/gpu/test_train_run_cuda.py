@@ -96,7 +96,7 @@ def launch(config: Path, *overrides: str) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
-def finish(process: subprocess.Popen, timeout: float = 300) -> str:
+def finish(process: subprocess.Popen, timeout: float = 120) -> str:
     try:
         out, err = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
