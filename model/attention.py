@@ -217,8 +217,8 @@ def fit_flex_configs(block_size: int) -> bool:
     for this process; whether it could.
 
     Inductor checks each candidate config's tiles against the BlockMask's block before the
-    kernel options replace them, and offers one config per direction (two with max-autotune
-    and more); Hopper's backward config at head_dim 64-128 has 128-token tiles, so a
+    kernel options replace them, and offers one config per direction (more with
+    max-autotune); Hopper's backward config at head_dim 64-128 has 128-token tiles, so a
     64-token block has no candidate left and fails to compile, whatever the options say.
     Capping every candidate's tiles at the block keeps the candidates (tiles are powers of
     two, so the kernels' divisibility constraints still hold). Through the choices hook
