@@ -37,6 +37,7 @@ import numpy as np
 import tokenizers
 
 from prefixdpo.data.chat_template import ChatTemplate
+from prefixdpo.model.local_files import check_files
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja")
@@ -98,8 +99,11 @@ class Tokenizer:
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike) -> Tokenizer:
-        """Load tokenizer.json + tokenizer_config.json + special_tokens_map.json from a folder."""
+        """Load tokenizer.json + tokenizer_config.json + special_tokens_map.json from a folder
+        (and chat_template.jinja); none of them may be a link leading outside the folder
+        (`model.local_files`)."""
         folder = Path(folder)
+        check_files(folder, TOKENIZER_FILES)
         if not (folder / "tokenizer.json").is_file():
             raise ValueError(f"{folder}: no tokenizer.json (a tokenizer folder holds "
                              "tokenizer.json and tokenizer_config.json)")

@@ -28,8 +28,9 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from prefixdpo.model.config import ModelConfig
-from prefixdpo.model.hf_checkpoint import (copy_tokenizer_files, expected_shapes, load_state_dict,
-                                 resolve_model_dir, save_hf_checkpoint)
+from prefixdpo.model.hf_checkpoint import (checked_model_dir, copy_tokenizer_files,
+                                           expected_shapes, load_state_dict, resolve_model_dir,
+                                           save_hf_checkpoint)
 from prefixdpo.train.checkpoint import describe
 from prefixdpo.train.lora import merged_state_dict, split_state_dict
 
@@ -100,7 +101,7 @@ def lora_section(ckpt: Path) -> dict:
 def dcp_to_hf(ckpt: Path, hf_config: Path, out: Path) -> None:
     if not hf_config.is_dir():
         raise ValueError(f"{hf_config}: --hf-config must be a folder holding config.json")
-    config = ModelConfig.from_file(hf_config)
+    config = ModelConfig.from_file(checked_model_dir(hf_config))
     state = read_dcp_model(ckpt, config)
     save_hf_checkpoint(state, config, out)
     copied = copy_tokenizer_files(hf_config, out)
