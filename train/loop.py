@@ -31,8 +31,8 @@ from prefixdpo.model.masks import FLEX_BLOCK_SIZE
 from prefixdpo.model.transformer import set_flex_backend
 from prefixdpo.data.dataset import chat_template_override
 from prefixdpo.train.build import ModelSource, load_run_data, tokenizer_for
-from prefixdpo.train.checkpoint import (IncompleteCheckpoint, list_checkpoints, load_checkpoint,
-                              save_checkpoint)
+from prefixdpo.train.checkpoint import (IncompleteCheckpoint, check_resume, list_checkpoints,
+                                        load_checkpoint, read_run_files, save_checkpoint)
 from prefixdpo.train.config import Config, ReferenceSection, to_toml
 from prefixdpo.train.distributed import Distributed, broadcast_text, setup, teardown
 from prefixdpo.train.forward import pair_losses
@@ -272,12 +272,32 @@ def _train(config: Config, env: Distributed) -> Path:
     log(f"{env.world_size} rank(s) on {device.type}")
     check_available(cfg_train.report_to)  # a missing tracker package, before any work
 
-    # Data.
+    # The checkpoint to resume from, if any: what defines the run (model, loss, reference) is
+    # compared with its run's before any work, and so is the data once read.
     source = ModelSource.from_section(config.model)
+    model_id = _model_id(config, source, env)
+    resume = _newest_readable(list_checkpoints(output_dir), log) \
+        if config.checkpoint.resume else None
+    if resume is not None:
+        checkpoints, (saved, saved_config) = resume
+        check_resume(checkpoints[-1], saved, saved_config, config_toml, model_id,
+                     config.checkpoint.resume == "force", log)
+
+    # Data.
     tokenizer = tokenizer_for(config.data, source)
     data = load_run_data(config.data, tokenizer, cfg_train.seed, progress=env.is_main,
                          max_positions=source.config.max_position_embeddings)
     log(data.summary())
+    loader = PreferenceLoader(data.train, config.data.layout, cfg_train.micro_batch_size,
+                              cfg_train.grad_accum, env.world_size, env.rank, cfg_train.seed,
+                              data.fit.packing_length, row_multiple(attention),
+                              pin_memory=cuda)
+    eval_loader = PreferenceLoader(data.eval, config.data.layout, cfg_train.micro_batch_size,
+                                   world_size=env.world_size, rank=env.rank, shuffle=False,
+                                   packing_length=data.fit.packing_length,
+                                   pad_multiple=row_multiple(attention)) if data.eval else None
+    if resume is not None:
+        loader.load_state_dict(saved["loader"])  # refuses other data, before any work
 
     # The initial model, sharded while still on the meta device: each rank then allocates, and
     # reads or draws, only its own shards. Parameters are float32; CUDA computes in bfloat16.
@@ -294,25 +314,21 @@ def _train(config: Config, env: Distributed) -> Path:
         set_flex_backend(model, cfg_train.flex_backend)  # before the first (compiling) call
     log(f"model: {source.config.architecture}, {source.config.num_params / 1e6:.1f}M parameters")
 
-    # The reference, while the model still holds its initial weights.
-    reference, eval_reference = _reference(config, source, model, data, env, attention, log)
+    # The reference, while the model still holds its initial weights (a resumed run takes its
+    # own folder's table).
+    reference, eval_reference = _reference(config, source, model, data, env, attention, log,
+                                           model_id, resuming=resume is not None)
 
     optimizer = build_optimizer(model, config.optim, device)
-    loader = PreferenceLoader(data.train, config.data.layout, cfg_train.micro_batch_size,
-                              cfg_train.grad_accum, env.world_size, env.rank, cfg_train.seed,
-                              data.fit.packing_length, row_multiple(attention),
-                              pin_memory=cuda)
-    eval_loader = PreferenceLoader(data.eval, config.data.layout, cfg_train.micro_batch_size,
-                                   world_size=env.world_size, rank=env.rank, shuffle=False,
-                                   packing_length=data.fit.packing_length,
-                                   pad_multiple=row_multiple(attention)) if data.eval else None
-
     state = TrainState()
     # TR-DPO's reference changes during training: it is saved and restored with the policy.
     synced = reference.model if config.reference.sync_ref_model else None
-    checkpoints = list_checkpoints(output_dir) if config.checkpoint.resume else []
-    if checkpoints:
-        saved, resumed_from = _load_latest(checkpoints, model, optimizer, env.rank, log, synced)
+    if resume is not None:
+        def check(path: Path, files: tuple[dict, dict]) -> None:
+            check_resume(path, *files, config_toml, model_id,
+                         config.checkpoint.resume == "force", log)
+        saved, resumed_from = _load_latest(checkpoints, model, optimizer, env.rank, log, synced,
+                                           check)
         state = TrainState.from_state_dict(saved["train"])
         loader.load_state_dict(saved["loader"])
         log(f"resumed from {resumed_from} (step {state.step})")
@@ -320,7 +336,8 @@ def _train(config: Config, env: Distributed) -> Path:
     def checkpoint() -> Path:
         return save_checkpoint(
             output_dir, state.step, model, optimizer,
-            {"train": state.state_dict(), "loader": loader.state_dict()}, config_toml,
+            {"train": state.state_dict(), "loader": loader.state_dict(),
+             "run": {"model": model_id}}, config_toml,
             config.checkpoint.keep_last, env, reference=synced)
 
     def run_eval() -> None:
@@ -336,7 +353,7 @@ def _train(config: Config, env: Distributed) -> Path:
     stop = StopSignal()
     peak = peak_flops(device)
     window = _Window()
-    last_saved = state.step if checkpoints else -1
+    last_saved = state.step if resume is not None else -1
     batches_iter = iter(loader)
     if cfg_train.eval_on_start and state.step == 0:
         run_eval()
@@ -429,27 +446,65 @@ def sync_reference(reference: Reference, model: torch.nn.Module, step: int,
     return True
 
 
-def _load_latest(checkpoints: list[Path], model: torch.nn.Module,
-                 optimizer: torch.optim.Optimizer, rank: int, log,
-                 reference: torch.nn.Module | None = None) -> tuple[dict, Path]:
-    """Restore the newest complete checkpoint: one whose data files are partly gone is
-    passed over, with a line saying which and why. Every rank sees the same failures (DCP
-    gathers them), so all ranks pick the same checkpoint."""
+def _newest_readable(checkpoints: list[Path], log) -> tuple[list[Path], tuple[dict, dict]] | None:
+    """The checkpoints up to the newest whose train state and config can be read, and that
+    one's (state, config); newer damaged ones are passed over with a line each. None when there
+    is no checkpoint."""
     for i, path in enumerate(reversed(checkpoints)):
         try:
+            return checkpoints[:len(checkpoints) - i], read_run_files(path)
+        except IncompleteCheckpoint as e:
+            _pass_over(e, checkpoints[:len(checkpoints) - i], log)
+    return None
+
+
+def _load_latest(checkpoints: list[Path], model: torch.nn.Module,
+                 optimizer: torch.optim.Optimizer, rank: int, log,
+                 reference: torch.nn.Module | None = None,
+                 check: Callable[[Path, tuple[dict, dict]], None] | None = None
+                 ) -> tuple[dict, Path]:
+    """Restore the newest complete checkpoint (and `reference`, TR-DPO's synced one): one whose
+    files are partly gone or damaged is passed over, with a line saying which and why, and each
+    older one tried is first checked to be of this run (`check`). Every rank sees the same
+    failures (DCP gathers them), so all ranks pick the same checkpoint."""
+    for i, path in enumerate(reversed(checkpoints)):
+        try:
+            if i and check is not None:
+                check(path, read_run_files(path))
             return load_checkpoint(path, model, optimizer, rank, reference), path
         except IncompleteCheckpoint as e:
-            older = checkpoints[-2 - i] if i + 1 < len(checkpoints) else None
-            if older is None:
-                raise ValueError(f"{e}, and there is no older checkpoint to resume from; set "
-                                 "checkpoint.resume = false or use another train.output_dir"
-                                 ) from None
-            log(f"warning: {e}; resuming from the previous checkpoint {older} instead")
+            _pass_over(e, checkpoints[:len(checkpoints) - i], log)
     raise AssertionError("unreachable")
 
 
+def _pass_over(error: IncompleteCheckpoint, checkpoints: list[Path], log) -> None:
+    """A note that the last of `checkpoints` is passed over for the one before it; ValueError
+    when there is none."""
+    if len(checkpoints) < 2:
+        raise ValueError(f"{error}, and there is no older checkpoint to resume from; set "
+                         "checkpoint.resume = false or use another train.output_dir") from None
+    log(f"warning: {error}; resuming from the previous checkpoint {checkpoints[-2]} instead")
+
+
+def _model_id(config: Config, source: ModelSource, env: Distributed) -> str | None:
+    """The fingerprint of the initial weights (`model_fingerprint`) where the objective depends
+    on them after a resume (the reference is computed from them), else None. Rank 0 reads the
+    checkpoint files once and tells the others."""
+    if config.reference.mode not in ("precomputed", "live"):
+        return None
+    return broadcast_text(
+        model_fingerprint(source.checkpoint_dir, source.config_path, source.seed, env.device,
+                          _cache_dir(config)) if env.is_main else "", env.device)
+
+
+def _cache_dir(config: Config) -> Path:
+    return Path(config.reference.cache_dir) if config.reference.cache_dir \
+        else default_cache_dir()
+
+
 def _reference(config: Config, source: ModelSource, model: torch.nn.Module, data, env,
-               attention: str, log) -> tuple[Reference, Reference]:
+               attention: str, log, model_id: str | None, resuming: bool
+               ) -> tuple[Reference, Reference]:
     mode = config.reference.mode
     if mode == "none":
         return no_reference, no_reference
@@ -473,12 +528,7 @@ def _reference(config: Config, source: ModelSource, model: torch.nn.Module, data
             set_flex_backend(frozen, config.train.flex_backend)
         live = LiveReference(frozen)
         return live, live
-    cache_dir = Path(config.reference.cache_dir) if config.reference.cache_dir \
-        else default_cache_dir()
-    # Rank 0 reads the checkpoint files once and tells the others.
-    model_id = broadcast_text(
-        model_fingerprint(source.checkpoint_dir, source.config_path, source.seed, env.device,
-                          cache_dir) if env.is_main else "", env.device)
+    cache_dir = _cache_dir(config)
     dtype = "bfloat16" if env.device.type == "cuda" else "float32"
     tables = []
     ld = config.loss.uses_ld  # LD-DPO also needs the pairs' shared-prefix sums
@@ -492,7 +542,7 @@ def _reference(config: Config, source: ModelSource, model: torch.nn.Module, data
             micro_batch_size=config.train.micro_batch_size,
             packing_length=data.fit.packing_length or "auto", device=env.device,
             attention=attention, rank=env.rank, world_size=env.world_size, log=log,
-            shared_prefix=ld)
+            resuming=resuming, shared_prefix=ld)
         tables.append(TableReference(*table) if ld else TableReference(table))
     return tables[0], tables[1]
 

@@ -44,6 +44,18 @@ def reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
+def disk_full(folder: Path, margin: int = 1 << 20) -> bool:
+    """Whether the file system of `folder` has less than `margin` bytes left for this process
+    (root may use the blocks reserved for it): what a failed write whose error carries no errno
+    most likely means (torch.save's "unexpected pos 704 vs 598" on a full disk)."""
+    try:
+        stat = os.statvfs(folder)
+    except OSError:
+        return False
+    blocks = stat.f_bfree if os.geteuid() == 0 else stat.f_bavail
+    return blocks * stat.f_frsize < margin
+
+
 def write_error(path: Path, error: BaseException, advice: str) -> ValueError:
     """The one-line error for a failed write of `path`."""
     return ValueError(f"cannot write {path} ({reason(error)}). {advice}")
