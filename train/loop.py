@@ -34,7 +34,8 @@ from prefixdpo.train.build import ModelSource, load_run_data, tokenizer_for
 from prefixdpo.train.checkpoint import (IncompleteCheckpoint, check_resume, list_checkpoints,
                                         load_checkpoint, read_run_files, save_checkpoint)
 from prefixdpo.train.config import Config, ReferenceSection, to_toml
-from prefixdpo.train.distributed import Distributed, broadcast_text, setup, teardown
+from prefixdpo.train.distributed import (LAUNCHER_ENV, Distributed, broadcast_text, setup,
+                                         teardown)
 from prefixdpo.train.forward import pair_losses
 from prefixdpo.train.losses import LossConfig, LossState
 from prefixdpo.train.metrics import MetricsLogger, forward_flops, peak_flops, peak_memory_gib
@@ -213,10 +214,10 @@ class StopSignal:
     def __init__(self):
         self.requested = False
         self.orphaned = False
-        # torchrun sets TORCHELASTIC_RUN_ID in its workers' environment. Not LOCAL_RANK alone:
-        # other launchers set it too, and their parent may end on purpose (a script that
-        # starts the run in the background and exits).
-        launched = "TORCHELASTIC_RUN_ID" in os.environ
+        # torchrun sets TORCHELASTIC_RUN_ID in its workers' environment, prefixdpo-train
+        # LAUNCHER_ENV. Not LOCAL_RANK alone: other launchers set it too, and their parent may
+        # end on purpose (a script that starts the run in the background and exits).
+        launched = "TORCHELASTIC_RUN_ID" in os.environ or LAUNCHER_ENV in os.environ
         self._parent = os.getppid() if launched else None
         self._previous = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
