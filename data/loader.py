@@ -215,6 +215,21 @@ class PreferenceLoader:
             micro.append(current)
         return micro
 
+    @property
+    def num_rows(self) -> int:
+        """Rows of one epoch (packed: as packed for epoch 0; unpacked: one per document)."""
+        return sum(len(rows) for rows in self.micro_batch_plan(0))
+
+    @property
+    def row_length(self) -> int:
+        """The longest a micro-batch's rows can be: packed, `packing_length`; unpacked, the
+        longest document rounded up to `pad_multiple`."""
+        if is_packed(self.layout):
+            return self.packing_length
+        longest = max((n for e in self.examples
+                       for n in document_lengths(e, is_shared(self.layout))), default=1)
+        return round_up(longest, self.pad_multiple)
+
     def steps_in_epoch(self, epoch: int) -> int:
         """Optimizer steps of an epoch (packed layouts: it varies a little with the packing)."""
         per_step = self.grad_accum * self.world_size

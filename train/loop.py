@@ -30,7 +30,7 @@ from prefixdpo.model.hf_checkpoint import save_hf_checkpoint
 from prefixdpo.model.masks import FLEX_BLOCK_SIZE
 from prefixdpo.model.transformer import set_flex_backend
 from prefixdpo.data.dataset import chat_template_override
-from prefixdpo.train.build import ModelSource, load_run_data, tokenizer_for
+from prefixdpo.train.build import ModelSource, check_sizes, load_run_data, tokenizer_for
 from prefixdpo.train.checkpoint import (IncompleteCheckpoint, check_resume, list_checkpoints,
                                         load_checkpoint, read_run_files, save_checkpoint)
 from prefixdpo.train.config import Config, ReferenceSection, to_toml
@@ -297,6 +297,7 @@ def _train(config: Config, env: Distributed) -> Path:
                                    world_size=env.world_size, rank=env.rank, shuffle=False,
                                    packing_length=data.fit.packing_length,
                                    pad_multiple=row_multiple(attention)) if data.eval else None
+    check_sizes(loader, source.config, device)
     if resume is not None:
         loader.load_state_dict(saved["loader"])  # refuses other data, before any work
 

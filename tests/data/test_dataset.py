@@ -334,3 +334,18 @@ def test_max_examples_reads_and_counts_only_the_rows_used(tmp_path, tok, monkeyp
     assert loaded.summary().splitlines()[0].startswith("4 examples from 5 rows (standard)")
     assert "examples from" not in caplog.text
     assert f"1 rows skipped of 5 read\n  skipped {path}:3: field 'rejected'" in caplog.text
+
+
+def test_rows_that_python_cannot_parse_are_skippable(tmp_path, tok):
+    """Before: a RecursionError traceback, or Python's int_max_str_digits advice without file
+    or line, and neither skipped by bad_rows = "skip"."""
+    good = {"prompt": "Q", "chosen": "ab", "rejected": "c"}
+    deep = '{"prompt": ' + "[" * 100_000 + "]" * 100_000 + ', "chosen": "b", "rejected": "c"}'
+    long_int = '{"prompt": "a", "id": ' + "7" * 5000 + ', "chosen": "b", "rejected": "c"}'
+    path = write(tmp_path, [deep, good, long_int, good])
+    data = load(path, tok, bad_rows="skip")
+    assert (data.num_rows, data.num_skipped, len(data.examples)) == (4, 2, 2)
+    assert data.skipped[0].startswith(f"{path}:1: JSON nested too deeply")
+    assert data.skipped[1].startswith(f"{path}:3: JSON that Python cannot read")
+    with pytest.raises(ValueError, match=rf"^{path}:1: JSON nested too deeply.*data.bad_rows"):
+        load(path, tok)

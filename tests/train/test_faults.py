@@ -426,6 +426,38 @@ def test_explicit_packing_length_above_max_positions_warns(caplog):
     assert "max_position_embeddings = 512" in warnings[0]
 
 
+# -- 6b. sizes the data and the device bound -------------------------------------------
+
+def small_loader(micro_batch_size: int = 2, grad_accum: int = 1, packing_length: int = 128):
+    from prefixdpo.data.loader import PreferenceLoader
+
+    examples, _ = fit_examples(random_examples(12, 200), "shared+packed", packing_length,
+                               "error")
+    return PreferenceLoader(examples, "shared+packed", micro_batch_size, grad_accum,
+                            packing_length=packing_length)
+
+
+@pytest.mark.parametrize("sizes, message", [
+    # Before: accepted, and the process grew until the kernel's OOM killer ended it (rc 137).
+    (dict(micro_batch_size=10**11), r"^train.micro_batch_size = 100000000000 is more rows than "
+                                    r"the training data makes \(\d+ rows in layout"),
+    (dict(grad_accum=10**11), r"^train.grad_accum x ranks = 100000000000 micro-batches per "
+                              r"step, more than the training data makes"),
+    (dict(micro_batch_size=1, packing_length=128 * 10**7),
+     r"^a micro-batch of 1 rows x 1280000000 tokens needs \d+\.\d GiB .* lower "
+     r"train.micro_batch_size or data.packing_length$"),
+])
+def test_absurd_sizes_are_refused_before_any_allocation(sizes, message, monkeypatch):
+    from prefixdpo.train.build import check_sizes
+
+    monkeypatch.setattr(os, "sysconf", lambda name: {"SC_PAGE_SIZE": 4096,
+                                                     "SC_PHYS_PAGES": 2**22}[name])  # 16 GiB
+    loader = small_loader(**sizes)
+    with pytest.raises(ValueError, match=message):
+        check_sizes(loader, tiny_config(hidden_size=128), CPU.device)
+    check_sizes(small_loader(), tiny_config(), CPU.device)  # the usual sizes pass
+
+
 # -- 7. NaN in the initial weights ----------------------------------------------------------
 
 def test_nan_in_loaded_weights_names_the_tensor(tmp_path):

@@ -245,7 +245,8 @@ def error_lines(stderr: str) -> list[str]:
             and not line.startswith(("loading ", "scoring", "training"))]
 
 
-@pytest.mark.parametrize("case", ["bad data path", "model folder link", "resume changed"])
+@pytest.mark.parametrize("case", ["bad data path", "model folder link", "resume changed",
+                                  "absurd micro-batch"])
 def test_the_readme_command_fails_in_one_line(run_config, tmp_path, case):
     """The README's single-node command: a failing run prints our one `error:` line and nothing
     else on stderr (before, under torchrun: its ChildFailedError traceback and a summary)."""
@@ -255,6 +256,9 @@ def test_the_readme_command_fails_in_one_line(run_config, tmp_path, case):
     if case == "bad data path":
         overrides = [f"--data.path={tmp_path / 'absent.jsonl'}"]
         expected = f"error: {tmp_path / 'absent.jsonl'}: no such data file"
+    elif case == "absurd micro-batch":  # before: the OOM killer, rc 137, no message
+        overrides = ["--train.micro_batch_size=100000000000"]
+        expected = "error: train.micro_batch_size = 100000000000 is more rows than the training"
     elif case == "model folder link":
         from prefixdpo.model.config import ModelConfig
         from prefixdpo.model.hf_checkpoint import save_hf_checkpoint
