@@ -299,12 +299,13 @@ def _missing_file(error: BaseException) -> bool:
 
 def describe(error: BaseException) -> str:
     """One line for an error; DCP wraps each rank's error with its traceback, so unwrap it."""
-    error = _unwrapped(error)
+    error = unwrapped(error)
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0] if text else ''}"
 
 
-def _unwrapped(error: BaseException) -> BaseException:
+def unwrapped(error: BaseException) -> BaseException:
+    """The error of the first failing rank inside DCP's CheckpointException (else `error`)."""
     if isinstance(error, CheckpointException) and error.failures:
         failure = next(iter(error.failures.values()))
         return failure[0] if isinstance(failure, tuple) else failure
@@ -314,7 +315,7 @@ def _unwrapped(error: BaseException) -> BaseException:
 def _write_failure(error: BaseException, folder: Path) -> str:
     """Why writing a checkpoint failed, in the user's words where possible: an errno's meaning
     ("the disk is full"), or a full disk behind an error without one."""
-    error = _unwrapped(error)
+    error = unwrapped(error)
     if error_code(error) is not None:
         return reason(error)
     return "the disk is full" if disk_full(folder) else describe(error)

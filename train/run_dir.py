@@ -22,7 +22,15 @@ _PROBE = ".write_probe"
 # What an OSError's errno means for the user, in their words.
 _REASONS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
             errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
-            errno.EPERM: "permission denied"}
+            errno.EPERM: "permission denied", errno.EISDIR: "it is a folder",
+            errno.EEXIST: "a file of that name is in the way of the folder",
+            errno.ENOTDIR: "a file is in the way: part of the path is not a folder"}
+# What to do about each, for a script's output path.
+_FIXES = {errno.ENOSPC: "free disk space, or give {flag} another location",
+          errno.EDQUOT: "free disk space, or give {flag} another location",
+          errno.EISDIR: "give {flag} a file name, not a folder",
+          errno.EEXIST: "remove that file, or give {flag} another location",
+          errno.ENOTDIR: "remove that file, or give {flag} another location"}
 
 
 def error_code(error: BaseException) -> int | None:
@@ -59,6 +67,42 @@ def disk_full(folder: Path, margin: int = 1 << 20) -> bool:
 def write_error(path: Path, error: BaseException, advice: str) -> ValueError:
     """The one-line error for a failed write of `path`."""
     return ValueError(f"cannot write {path} ({reason(error)}). {advice}")
+
+
+def output_error(flag: str, path: Path, error: BaseException) -> ValueError:
+    """The one-line error for a script's output `path` (given with `flag`) that cannot be
+    written: the flag, the path, why, and what to do."""
+    code = error_code(error)
+    if code is None and disk_full(path if path.is_dir() else path.parent):
+        code, error = errno.ENOSPC, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    fix = _FIXES.get(code, "give {flag} a writable location").format(flag=flag)
+    return ValueError(f"{flag} {path}: cannot write it ({reason(error)}); {fix}")
+
+
+def check_output_file(path: Path, flag: str) -> None:
+    """Before any work: the folder of a script's output file is created and a probe written
+    there (then removed), and the path is not a folder; `output_error` otherwise."""
+    probe = path.parent / f"{_PROBE}.{os.getpid()}"
+    try:
+        if path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise output_error(flag, path, e) from None
+
+
+def check_output_folder(folder: Path, flag: str) -> None:
+    """Before any work: a script's output folder is created and a probe written in it (then
+    removed); `output_error` otherwise."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f"{_PROBE}.{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise output_error(flag, folder, e) from None
 
 
 def check_writable(folder: Path) -> None:
