@@ -76,6 +76,10 @@ def fit_examples(examples: Sequence[Example], layout: str, packing_length: int |
         raise ValueError("no examples to train on")
     lengths = [example_length(e, layout) for e in examples]
     if not is_packed(layout):
+        if packing_length != "auto":
+            logger.warning("%s = %s is ignored: layout %r does not pack rows (each row is "
+                           "padded to the longest of its micro-batch)",
+                           option("packing_length", names), packing_length, layout)
         return list(examples), FitReport(0, 0, 1.0)
     limit = max(BLOCK, max_positions // BLOCK * BLOCK) if max_positions else 0
     if packing_length == "auto":

@@ -1,7 +1,8 @@
 """The training loop. `train(config)` reads in setup order; `train_step` is one optimizer step.
 
-Setup: process group -> data -> initial model -> parallelize -> reference -> optimizer ->
-resume -> loop -> final checkpoint and Hugging Face export.
+Setup: process group -> the checkpoint to resume from, checked against this run -> data and
+loader (sizes checked) -> initial model -> parallelize -> reference -> optimizer -> resume ->
+loop -> final checkpoint and Hugging Face export.
 
 Loss normalization lives in one place, `train_step`: every micro-batch's summed per-pair losses
 are divided by the number of pairs in the whole optimizer step (all micro-batches, all ranks),
