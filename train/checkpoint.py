@@ -51,7 +51,7 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
                                                      set_optimizer_state_dict)
 
 from prefixdpo.train.distributed import Distributed, all_reduce_sum
-from prefixdpo.train.run_dir import disk_full, error_code, reason
+from prefixdpo.train.run_dir import reason
 
 STATE_FILE = "train_state.json"
 CONFIG_FILE = "config.toml"
@@ -118,7 +118,7 @@ def save_checkpoint(output_dir: Path, step: int, model: nn.Module,
             (tmp / CONFIG_FILE).write_text(config_toml)
             _write_json(tmp / STATE_FILE, train_state)
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - reported on all ranks below
-        error = _write_failure(e, output_dir)
+        error = reason(unwrapped(e), output_dir)
     failed = all_reduce_sum([float(bool(error))], env.device)[0]
     if failed:
         if rank == 0:
@@ -310,15 +310,6 @@ def unwrapped(error: BaseException) -> BaseException:
         failure = next(iter(error.failures.values()))
         return failure[0] if isinstance(failure, tuple) else failure
     return error
-
-
-def _write_failure(error: BaseException, folder: Path) -> str:
-    """Why writing a checkpoint failed, in the user's words where possible: an errno's meaning
-    ("the disk is full"), or a full disk behind an error without one."""
-    error = unwrapped(error)
-    if error_code(error) is not None:
-        return reason(error)
-    return "the disk is full" if disk_full(folder) else describe(error)
 
 
 def _rng_state() -> dict[str, torch.Tensor]:

@@ -162,10 +162,11 @@ def launch(nproc: int, rank_argv: list[str]) -> int:
             hint = " (by hand, or by the kernel's out-of-memory killer: then lower " \
                    "train.micro_batch_size or data.packing_length)" if -code == signal.SIGKILL \
                 else ""
-            print(f"error: rank {rank} was killed by {name}{hint}", file=sys.stderr)
+            # On a line of its own: the ranks, killed, left their progress bars unfinished.
+            print(f"\nerror: rank {rank} was killed by {name}{hint}", file=sys.stderr)
         return 128 - code
     if code not in _REPORTED:
-        print(f"error: rank {rank} exited with status {code}", file=sys.stderr)
+        print(f"\nerror: rank {rank} exited with status {code}", file=sys.stderr)
     return code
 
 

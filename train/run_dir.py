@@ -33,19 +33,23 @@ _FIXES = {errno.ENOSPC: "free disk space, or give {flag} another location",
           errno.ENOTDIR: "remove that file, or give {flag} another location"}
 
 
-def error_code(error: BaseException) -> int | None:
-    """The errno of a failed write; safetensors reports OS errors as text ("os error N")."""
+def error_code(error: BaseException, folder: Path | None = None) -> int | None:
+    """The errno of a failed write; safetensors reports OS errors as text ("os error N").
+    With the `folder` written to: ENOSPC for an error that carries none when that folder's
+    file system is full (torch.save's zip writer says "unexpected pos 704 vs 598")."""
     code = getattr(error, "errno", None)
     if code is None:
         match = re.search(r"os error (\d+)\)", str(error))
         code = int(match.group(1)) if match else None
+    if code is None and folder is not None and disk_full(folder):
+        code = errno.ENOSPC
     return code
 
 
-def reason(error: BaseException) -> str:
-    """A short reason for a failed write: the errno's meaning when there is one, else the
-    error's first line."""
-    code = error_code(error)
+def reason(error: BaseException, folder: Path | None = None) -> str:
+    """A short reason for a failed write (of a file in `folder`, when given: see
+    `error_code`): the errno's meaning when there is one, else the error's first line."""
+    code = error_code(error, folder)
     if code in _REASONS:
         return _REASONS[code]
     lines = str(error).strip().splitlines()
@@ -72,23 +76,19 @@ def write_error(path: Path, error: BaseException, advice: str) -> ValueError:
 def output_error(flag: str, path: Path, error: BaseException) -> ValueError:
     """The one-line error for a script's output `path` (given with `flag`) that cannot be
     written: the flag, the path, why, and what to do."""
-    code = error_code(error)
-    if code is None and disk_full(path if path.is_dir() else path.parent):
-        code, error = errno.ENOSPC, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    fix = _FIXES.get(code, "give {flag} a writable location").format(flag=flag)
-    return ValueError(f"{flag} {path}: cannot write it ({reason(error)}); {fix}")
+    folder = path if path.is_dir() else path.parent
+    fix = _FIXES.get(error_code(error, folder), "give {flag} a writable location")
+    return ValueError(f"{flag} {path}: cannot write it ({reason(error, folder)}); "
+                      f"{fix.format(flag=flag)}")
 
 
 def check_output_file(path: Path, flag: str) -> None:
-    """Before any work: the folder of a script's output file is created and a probe written
-    there (then removed), and the path is not a folder; `output_error` otherwise."""
-    probe = path.parent / f"{_PROBE}.{os.getpid()}"
+    """Before any work: a script's output file's folder is created and a probe written there
+    (then removed), and the path is not a folder; `output_error` otherwise."""
     try:
         if path.is_dir():
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        probe.write_text("ok")
-        probe.unlink()
+        _probe(path.parent)
     except OSError as e:
         raise output_error(flag, path, e) from None
 
@@ -97,10 +97,7 @@ def check_output_folder(folder: Path, flag: str) -> None:
     """Before any work: a script's output folder is created and a probe written in it (then
     removed); `output_error` otherwise."""
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f"{_PROBE}.{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
+        _probe(folder)
     except OSError as e:
         raise output_error(flag, folder, e) from None
 
@@ -108,16 +105,21 @@ def check_output_folder(folder: Path, flag: str) -> None:
 def check_writable(folder: Path) -> None:
     """Create `folder` and write, then remove, a probe file in it; ValueError when either
     fails, naming the folder and what to do."""
-    probe = folder / f"{_PROBE}.{os.getpid()}"
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(probe, "w") as f:
-            f.write("ok")
-        probe.unlink()
+        _probe(folder)
     except OSError as e:
         raise ValueError(f"train.output_dir {folder} is not writable ({reason(e)}); choose a "
                          "writable folder with --train.output_dir=PATH or fix its "
                          "permissions") from None
+
+
+def _probe(folder: Path) -> None:
+    """Create `folder` and write, then remove, a probe file in it; OSError when either fails."""
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f"{_PROBE}.{os.getpid()}"
+    with open(probe, "w") as f:
+        f.write("ok")
+    probe.unlink()
 
 
 def pid_alive(pid: int) -> bool:
