@@ -158,8 +158,10 @@ def load_preference_data(config: DataConfig, tokenizer: Tokenizer, path: str | N
 def _detect_format(rows: Iterator[Row], columns: Mapping[str, str],
                    names: Mapping[str, str] | None) -> tuple[str | None, Iterator[Row]]:
     """The format of the first row among the first DETECT_ROWS whose format can be told (a bad
-    first row is then reported as the bad row it is), and the rows, none consumed. None when
-    none of them could be decoded; a ValueError when none of them has a known format."""
+    first row is then reported as the bad row it is), and the rows, none consumed. When none
+    can be told, the format the first one's keys point to (`guess_format`: every row has the
+    same wrong type); None when none of them could be decoded; a ValueError when none of them
+    has a known format."""
     seen: list[Row] = []
     first_error: ValueError | None = None
     guess = None  # the format the first readable row's keys point to

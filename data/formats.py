@@ -93,20 +93,13 @@ def detect_format(record: Any, location: str, names: Mapping[str, str] | None = 
         raise ValueError(f"{location}: expected a JSON object, found {_type(record)}; cannot "
                          "tell the data format")
     keys = set(record)
-    if {"prompt_input_ids", "chosen_input_ids", "rejected_input_ids"} <= keys:
-        return "pretokenized"
-    if "completions" in keys:
-        return "ranked"
-    if {"input", "preferred_output", "non_preferred_output"} <= keys:
-        return "conversational"  # OpenAI's preference fine-tuning form
-    if {"chosen", "rejected"} <= keys:
-        chosen, prompt = record["chosen"], record.get("prompt")
-        if "conversations" in keys or isinstance(chosen, (list, dict)) or isinstance(prompt, list):
-            return "conversational"
-        if isinstance(chosen, str) and isinstance(prompt, str):
-            return "standard"
-        if isinstance(chosen, str) and "prompt" not in keys and HH_ASSISTANT in chosen:
-            return "hh_rlhf"
+    fmt = guess_format(record)
+    # Text formats are told by their values too: a string prompt, a transcript.
+    chosen = record.get("chosen")
+    if fmt in ("pretokenized", "ranked", "conversational") or (
+            fmt == "standard" and isinstance(chosen, str) and isinstance(record["prompt"], str)
+    ) or (fmt == "hh_rlhf" and isinstance(chosen, str) and HH_ASSISTANT in chosen):
+        return fmt
     fields = ", ".join(sorted(map(str, keys))) or "none"
     if isinstance(record.get("label"), bool) and ("messages" in keys or "completion" in keys):
         raise ValueError(f"{location}: this looks like unpaired (KTO-style) data: one completion "
@@ -137,7 +130,7 @@ def guess_format(record: Any) -> str | None:
     if "completions" in keys:
         return "ranked"
     if {"input", "preferred_output", "non_preferred_output"} <= keys:
-        return "conversational"
+        return "conversational"  # OpenAI's preference fine-tuning form
     if {"chosen", "rejected"} <= keys:
         if "conversations" in keys or isinstance(record["chosen"], (list, dict)) or \
                 isinstance(record.get("prompt"), list):
