@@ -39,8 +39,8 @@ _REPORTED = (1, 130)
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="prefixdpo-train", description="Train a Llama or Mistral model with DPO-family "
-        "losses and prefix sharing.",
+        prog="prefixdpo-train", description="Train a Llama, Mistral, Qwen or Gemma model with "
+        "DPO-family losses and prefix sharing.",
         epilog="overrides: --section.key=value, e.g. --train.steps=100 --loss.beta=0.2 (see "
                "README, 'Config reference')")
     parser.add_argument("--config", required=True, help="a TOML config, e.g. configs/demo.toml")
