@@ -169,14 +169,15 @@ class ChatTemplate:
                  eos_token: str | None = None, *, origin: str = "the chat template",
                  time_budget: float = TIME_BUDGET_S) -> None:
         self._environment = _environment()
+        # Where the template comes from, named in its errors ("the chat template in
+        # <folder>/tokenizer_config.json"); given by whoever knows (data/dataset.py).
+        self.origin = origin
         try:
             self._template = self._environment.from_string(source)
         except jinja2.exceptions.TemplateError as e:
-            raise ChatTemplateError(f"the chat template does not compile: {e}") from None
+            line = f" (line {e.lineno})" if getattr(e, "lineno", None) else ""
+            raise ChatTemplateError(f"{origin} does not compile: {e}{line}") from None
         self.source = source
-        # Where the template comes from, named in budget errors ("the chat template of
-        # <tokenizer folder>"); set by whoever knows (data/dataset.py).
-        self.origin = origin
         self.time_budget = time_budget
         # bos_token, eos_token, ... as the template expects them (HF passes these names).
         self._variables = dict(special_tokens)

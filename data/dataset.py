@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,8 @@ from prefixdpo.data.chat_template import ChatTemplate
 from prefixdpo.data.config import DataConfig, option, setting
 from prefixdpo.data.encoding import encode_preferences
 from prefixdpo.data.example import Example
-from prefixdpo.data.formats import CHAT, detect_format, parse_record, rename_columns
+from prefixdpo.data.formats import (CHAT, detect_format, guess_format, parse_record,
+                                    rename_columns)
 from prefixdpo.data.reading import Row, RowError, read_rows
 from prefixdpo.data.tokenizer import Tokenizer
 from prefixdpo.data.truncation import check_limits
@@ -51,6 +53,8 @@ class PreferenceData:
     format: str = ""           # the data format used (named or detected)
     # Where each example came from ("file:line" or "file[i]"), by Example.index.
     locations: dict[int, str] = field(default_factory=dict)
+    # Fields that shape no text (OpenAI rows' input.tools), with the number of rows having them.
+    unused: dict[str, int] = field(default_factory=dict)
 
     def summary(self, num_listed: int = NUM_LISTED) -> str:
         lines = [f"{len(self.examples)} examples from {self.num_rows} rows ({self.format}); "
@@ -81,6 +85,7 @@ def load_preference_data(config: DataConfig, tokenizer: Tokenizer, path: str | N
     examples: list[Example] = []
     rejected: list[tuple[int, str]] = []  # (row index, "location: reason")
     locations: dict[int, str] = {}
+    unused: Counter[str] = Counter()
     num_rows = 0
 
     def reject(index: int, error: RowError) -> None:
@@ -113,6 +118,7 @@ def load_preference_data(config: DataConfig, tokenizer: Tokenizer, path: str | N
                         fmt = detect_format(value, row.location, names)
                     parsed.append((index, parse_record(value, row.location, fmt,
                                                        config.pairing)))
+                    unused.update(parsed[-1][1].unused)
                     locations[index] = row.location
                 except RowError as e:
                     reject(index, e)
@@ -137,20 +143,28 @@ def load_preference_data(config: DataConfig, tokenizer: Tokenizer, path: str | N
     data = PreferenceData(examples=examples, num_rows=num_rows, num_skipped=len(rejected),
                           skipped=[message for _, message in rejected],
                           num_truncated=sum(e.truncated for e in examples), format=fmt or "",
-                          locations={e.index: locations[e.index] for e in examples})
+                          locations={e.index: locations[e.index] for e in examples},
+                          unused=dict(unused))
     if data.num_skipped:
         # Only the skipped rows: the counts are the caller's to report (summary()), once.
         logger.warning("%s: %s", path, data.skipped_summary())
+    if unused:
+        fields = ", ".join(f"{name} ({count} rows)" for name, count in sorted(unused.items()))
+        logger.warning("%s: not used: %s; the prompt is rendered from input.messages alone "
+                       "(the chat template gets no tools)", path, fields)
     return data
 
 
 def _detect_format(rows: Iterator[Row], columns: Mapping[str, str],
                    names: Mapping[str, str] | None) -> tuple[str | None, Iterator[Row]]:
     """The format of the first row among the first DETECT_ROWS whose format can be told (a bad
-    first row is then reported as the bad row it is), and the rows, none consumed. None when
-    none of them could be decoded; a ValueError when none of them has a known format."""
+    first row is then reported as the bad row it is), and the rows, none consumed. When none
+    can be told, the format the first one's keys point to (`guess_format`: every row has the
+    same wrong type); None when none of them could be decoded; a ValueError when none of them
+    has a known format."""
     seen: list[Row] = []
     first_error: ValueError | None = None
+    guess = None  # the format the first readable row's keys point to
     for row in itertools.islice(rows, DETECT_ROWS):
         seen.append(row)
         if row.error is not None:
@@ -160,6 +174,9 @@ def _detect_format(rows: Iterator[Row], columns: Mapping[str, str],
             return detect_format(value, row.location, names), itertools.chain(seen, rows)
         except ValueError as e:  # a RowError from renaming too
             first_error = first_error or e
+            guess = guess or (guess_format(value) if not isinstance(e, RowError) else None)
+    if guess is not None:  # every row of the same wrong type: the first is reported as such
+        return guess, itertools.chain(seen, rows)
     if first_error is not None:
         raise ValueError(f"{first_error}" + (f" (none of the first {len(seen)} rows has a "
                                             "known format)" if len(seen) > 1 else "")) from None
@@ -179,10 +196,9 @@ def _chat_template(config: DataConfig, tokenizer: Tokenizer,
         raise ValueError(f"{tokenizer.name}: the tokenizer has no chat_template (in "
                          "tokenizer_config.json or chat_template.jinja), and the data is "
                          f"conversational; set {name} to a .jinja file")
-    template = tokenizer.compile_chat_template(override)
-    template.origin = (f"the chat template of {tokenizer.name}" if override is None else
-                       f"the chat template given by {name}")
-    return template
+    origin = (f"the chat template in {config.chat_template} ({name})"
+              if Path(config.chat_template).is_file() else f"the chat template given by {name}")
+    return tokenizer.compile_chat_template(override, origin)
 
 
 def chat_template_override(config: DataConfig,

@@ -42,6 +42,7 @@ Bad records raise `RowError` naming the location and the field: missing field, w
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -82,6 +83,7 @@ class Preference:
     groups: tuple[PreferenceGroup, ...]
     pairs: tuple[tuple[int, int], ...]  # (chosen, rejected) sequence numbers
     id: str | None = None
+    unused: tuple[str, ...] = ()        # fields of the record that shape no text ("input.tools")
 
 
 def detect_format(record: Any, location: str, names: Mapping[str, str] | None = None) -> str:
@@ -91,20 +93,13 @@ def detect_format(record: Any, location: str, names: Mapping[str, str] | None = 
         raise ValueError(f"{location}: expected a JSON object, found {_type(record)}; cannot "
                          "tell the data format")
     keys = set(record)
-    if {"prompt_input_ids", "chosen_input_ids", "rejected_input_ids"} <= keys:
-        return "pretokenized"
-    if "completions" in keys:
-        return "ranked"
-    if {"input", "preferred_output", "non_preferred_output"} <= keys:
-        return "conversational"  # OpenAI's preference fine-tuning form
-    if {"chosen", "rejected"} <= keys:
-        chosen, prompt = record["chosen"], record.get("prompt")
-        if "conversations" in keys or isinstance(chosen, (list, dict)) or isinstance(prompt, list):
-            return "conversational"
-        if isinstance(chosen, str) and isinstance(prompt, str):
-            return "standard"
-        if isinstance(chosen, str) and "prompt" not in keys and HH_ASSISTANT in chosen:
-            return "hh_rlhf"
+    fmt = guess_format(record)
+    # Text formats are told by their values too: a string prompt, a transcript.
+    chosen = record.get("chosen")
+    if fmt in ("pretokenized", "ranked", "conversational") or (
+            fmt == "standard" and isinstance(chosen, str) and isinstance(record["prompt"], str)
+    ) or (fmt == "hh_rlhf" and isinstance(chosen, str) and HH_ASSISTANT in chosen):
+        return fmt
     fields = ", ".join(sorted(map(str, keys))) or "none"
     if isinstance(record.get("label"), bool) and ("messages" in keys or "completion" in keys):
         raise ValueError(f"{location}: this looks like unpaired (KTO-style) data: one completion "
@@ -120,6 +115,28 @@ def detect_format(record: Any, location: str, names: Mapping[str, str] | None = 
                      f"formats: {_KNOWN} (see data/formats.py). If the fields only have other "
                      f"names, rename them, e.g. {rename}; or name the format with "
                      f"{option('format', names)}")
+
+
+def guess_format(record: Any) -> str | None:
+    """The format a record's keys alone point to, whatever their values' types (None when
+    they point to none): for data in which no record's format can be told, because every
+    record has the same wrong type (a parquet column of int prompts), so that the first one is
+    reported as the bad row it is, as it would be among good ones."""
+    if not isinstance(record, dict):
+        return None
+    keys = set(record)
+    if {"prompt_input_ids", "chosen_input_ids", "rejected_input_ids"} <= keys:
+        return "pretokenized"
+    if "completions" in keys:
+        return "ranked"
+    if {"input", "preferred_output", "non_preferred_output"} <= keys:
+        return "conversational"  # OpenAI's preference fine-tuning form
+    if {"chosen", "rejected"} <= keys:
+        if "conversations" in keys or isinstance(record["chosen"], (list, dict)) or \
+                isinstance(record.get("prompt"), list):
+            return "conversational"
+        return "standard" if "prompt" in keys else "hh_rlhf"
+    return None
 
 
 def rename_columns(record: Any, columns: Mapping[str, str], location: str,
@@ -238,8 +255,11 @@ def _parse_openai(record: dict, location: str) -> Preference:
         reply = _messages(_get(record, field, fmt, location), field, location, single=True)
         _check_reply(reply, field, location)
         sides.append((prompt, reply))
-    return _pair(record, location, CHAT, sides[0], sides[1],
-                 names=("preferred_output", "non_preferred_output"))
+    preference = _pair(record, location, CHAT, sides[0], sides[1],
+                       names=("preferred_output", "non_preferred_output"))
+    # input.tools and the like: the chat template renders the messages alone.
+    unused = tuple(f"input.{key}" for key in given if key != "messages" and given[key])
+    return dataclasses.replace(preference, unused=unused) if unused else preference
 
 
 def _parse_pretokenized(record: dict, location: str) -> Preference:
@@ -314,9 +334,10 @@ def _scores(record: dict, item_scores: list, location: str) -> list[float]:
         if key in record:
             values = record[key]
             if not isinstance(values, list) or len(values) != len(item_scores):
+                found = f"a list of {len(values)}" if isinstance(values, list) else _type(values)
                 raise RowError(location, f"field {key!r}: expected a list of "
                                          f"{len(item_scores)} numbers (one per completion), "
-                                         f"found {_type(values)}")
+                                         f"found {found}")
             return [sign * _number(v, f"{key}[{i}]", location) for i, v in enumerate(values)]
     raise RowError(location, "missing field 'scores' or 'ranks' (one per completion; higher "
                              "scores are better, rank 1 is best)")

@@ -79,6 +79,10 @@ def fit_examples(examples: Sequence[Example], layout: str, packing_length: int |
         raise ValueError("no examples to train on")
     lengths = [example_length(e, layout) for e in examples]
     if not is_packed(layout):
+        if packing_length != "auto":
+            logger.warning("%s = %s is ignored: layout %r does not pack rows (each row is "
+                           "padded to the longest of its micro-batch)",
+                           option("packing_length", names), packing_length, layout)
         return list(examples), FitReport(0, 0, 1.0)
     limit = max(BLOCK, max_positions // BLOCK * BLOCK) if max_positions else 0
     if packing_length == "auto":
@@ -254,6 +258,21 @@ class PreferenceLoader:
         if current:
             micro.append(current)
         return micro
+
+    @property
+    def num_rows(self) -> int:
+        """Rows of one epoch (packed: as packed for epoch 0; unpacked: one per document)."""
+        return sum(len(rows) for rows in self.micro_batch_plan(0))
+
+    @property
+    def row_length(self) -> int:
+        """The longest a micro-batch's rows can be: packed, `packing_length`; unpacked, the
+        longest document rounded up to `pad_multiple`."""
+        if is_packed(self.layout):
+            return self.packing_length
+        longest = max((n for e in self.examples
+                       for n in document_lengths(e, is_shared(self.layout))), default=1)
+        return round_up(longest, self.pad_multiple)
 
     def steps_in_epoch(self, epoch: int) -> int:
         """Optimizer steps of an epoch (packed layouts: it varies a little with the packing)."""

@@ -11,10 +11,11 @@ Hub repos come through `huggingface_hub.snapshot_download`, which uses the local
 Hub cannot be reached; with `HF_HUB_OFFLINE=1` only the cache is used.
 
 Every record keeps where it came from, for error messages: `file:line` (1-based) for jsonl,
-`file[i]` (0-based element or row index) for json and parquet. A jsonl line that is not valid
-UTF-8 or not valid JSON, or a record (jsonl line or .json element) with an object that gives a
-key twice, is yielded as a `Row` carrying the error, so the caller decides whether to stop or
-skip it; a damaged .json file is one error for the whole file.
+`file[i]` (0-based element or row index) for json and parquet. A jsonl line that cannot be
+read (not valid UTF-8, not valid JSON, nested deeper than Python's recursion limit, an integer
+literal longer than Python converts) or a record (jsonl line or .json element) with an object
+that gives a key twice, is yielded as a `Row` carrying the error, so the caller decides whether
+to stop or skip it; a damaged .json file is one error for the whole file (it is parsed whole).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import gzip
 import json
 import os
 import re
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,14 +171,12 @@ def _read_jsonl(file: Path, display: str, compressed: bool) -> Iterator[Row]:
                 if not text.strip():
                     continue  # blank lines (e.g. a trailing newline) hold no record
                 try:
-                    value, duplicated = _loads(text)
-                except json.JSONDecodeError as e:
-                    yield Row(location, error=f"malformed JSON at column {e.colno}: {e.msg}")
-                    continue
-                if duplicated:
-                    yield Row(location, error=_duplicate_key_error(value))
-                else:
-                    yield Row(location, value)
+                    # Without its line break, so that json's columns are the line's.
+                    value, duplicated = _loads(text.rstrip("\r\n"))
+                    error = _duplicate_key_error(value) if duplicated else None
+                except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+                    error = _json_error(e, "line")
+                yield Row(location, error=error) if error else Row(location, value)
     except (OSError, EOFError) as e:  # e.g. a truncated or mislabelled .gz file
         raise ValueError(f"{display}: cannot read the file ({type(e).__name__}: {e})") from None
 
@@ -198,8 +198,12 @@ def _read_json(file: Path, display: str, compressed: bool) -> Iterator[Row]:
     except json.JSONDecodeError as e:
         hint = (" (it looks like one JSON object per line: name the file .jsonl)"
                 if e.msg == "Extra data" else "")
-        raise ValueError(f"{display}:{e.lineno}: malformed JSON at column {e.colno}: "
-                         f"{e.msg}{hint}") from None
+        line = e.doc.count("\n", 0, _error_position(e)) + 1
+        raise ValueError(f"{display}:{line}: {_json_error(e, 'file')}{hint}") from None
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"{display}: {_json_error(e, 'file')} (a .json file is read whole: "
+                         "fix the file, or make it .jsonl, one record per line, to skip such "
+                         "records with data.bad_rows = 'skip')") from None
     if isinstance(value, _DuplicateKeyObject):
         raise ValueError(f"{display}: the top-level JSON object gives the key {value.key!r} "
                          "twice; give each key once")
@@ -210,6 +214,33 @@ def _read_json(file: Path, display: str, compressed: bool) -> Iterator[Row]:
             yield Row(location, error=_duplicate_key_error(record))
         else:
             yield Row(location, record)
+
+
+def _error_position(error: json.JSONDecodeError) -> int:
+    """Where a JSON error is: json's position, or, when only whitespace follows it (the text
+    ends before the JSON does), the end of the text's content rather than the start of the
+    next (empty) line."""
+    return error.pos if error.doc[error.pos:].strip() else len(error.doc.rstrip())
+
+
+def _json_error(error: ValueError | RecursionError, unit: str) -> str:
+    """One line for a failure to parse the JSON of a `unit` (a jsonl "line", a .json "file")."""
+    if isinstance(error, RecursionError):
+        return ("JSON nested too deeply to read (deeper than Python's recursion limit, about "
+                f"{sys.getrecursionlimit()} levels)")
+    if not isinstance(error, json.JSONDecodeError):  # e.g. int_max_str_digits
+        detail = str(error).split(";")[0].strip()
+        return f"JSON that Python cannot read ({detail})"
+    position = _error_position(error)
+    column = position - error.doc.rfind("\n", 0, position)
+    # json's messages "Unterminated string starting at", "Invalid control character at" end
+    # where it appends the position.
+    message = error.msg.removesuffix(" at").removesuffix(" starting")
+    ended = not error.doc[error.pos:].strip() or message.startswith("Unterminated")
+    if ended and message == "Invalid control character":  # the line break after a cut string
+        message = "Unterminated string"
+    ended = f" (the {unit} ends before the JSON does: is it cut short?)" if ended else ""
+    return f"malformed JSON at column {column}: {message}{ended}"
 
 
 class _DuplicateKeyObject(dict):

@@ -37,6 +37,7 @@ import numpy as np
 import tokenizers
 
 from prefixdpo.data.chat_template import ChatTemplate
+from prefixdpo.model.local_files import check_files
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja")
@@ -69,7 +70,7 @@ class Tokenizer:
                  bos_token: str | None = None, add_bos: bool | None = None,
                  chat_template: str | None = None,
                  special_tokens: dict[str, str] | None = None, name: str = "tokenizer",
-                 folder: Path | None = None) -> None:
+                 folder: Path | None = None, chat_template_origin: str | None = None) -> None:
         backend.no_truncation()
         backend.no_padding()
         self.backend = backend
@@ -88,6 +89,8 @@ class Tokenizer:
         if bos_token is not None:
             self.special_tokens.setdefault("bos_token", bos_token)
         self.chat_template = chat_template  # the jinja source, or None
+        # Where it comes from, named in the template's errors.
+        self.chat_template_origin = chat_template_origin or f"the chat template of {name}"
 
     def _id_of(self, token: str, field: str) -> int:
         token_id = self.backend.token_to_id(token)
@@ -98,8 +101,11 @@ class Tokenizer:
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike) -> Tokenizer:
-        """Load tokenizer.json + tokenizer_config.json + special_tokens_map.json from a folder."""
+        """Load tokenizer.json + tokenizer_config.json + special_tokens_map.json from a folder
+        (and chat_template.jinja); none of them may be a link leading outside the folder
+        (`model.local_files`)."""
         folder = Path(folder)
+        check_files(folder, TOKENIZER_FILES)
         if not (folder / "tokenizer.json").is_file():
             raise ValueError(f"{folder}: no tokenizer.json (a tokenizer folder holds "
                              "tokenizer.json and tokenizer_config.json)")
@@ -124,10 +130,11 @@ class Tokenizer:
         specials: dict[str, Any] = dict(special)
         specials["additional_special_tokens"] = [t for t in map(_token_text, extra) if t]
         add_bos = config.get("add_bos_token")
+        template, template_file = _chat_template_source(folder, config)
         return cls(backend, eos_token=special["eos_token"], bos_token=special.get("bos_token"),
                    add_bos=add_bos if isinstance(add_bos, bool) else None,
-                   chat_template=_chat_template_source(folder, config),
-                   special_tokens=specials, name=str(folder), folder=folder)
+                   chat_template=template, special_tokens=specials, name=str(folder),
+                   folder=folder, chat_template_origin=f"the chat template in {template_file}")
 
     # -- encoding ---------------------------------------------------------------------------
 
@@ -171,27 +178,32 @@ class Tokenizer:
 
     # -- chat templates ---------------------------------------------------------------------
 
-    def compile_chat_template(self, source: str | None = None) -> ChatTemplate:
-        """The given template source, or this tokenizer's own, with its special tokens bound."""
-        source = source if source is not None else self.chat_template
+    def compile_chat_template(self, source: str | None = None,
+                              origin: str = "the chat template") -> ChatTemplate:
+        """The given template source (from `origin`, named in its errors), or this tokenizer's
+        own, with its special tokens bound."""
+        if source is None:
+            source, origin = self.chat_template, self.chat_template_origin
         if source is None:
             raise ValueError(f"{self.name}: the tokenizer has no chat_template (in "
                              "tokenizer_config.json or chat_template.jinja); set "
                              "data.chat_template to a .jinja file")
-        return ChatTemplate(source, self.special_tokens, eos_token=self.special_tokens["eos_token"])
+        return ChatTemplate(source, self.special_tokens,
+                            eos_token=self.special_tokens["eos_token"], origin=origin)
 
 
-def _chat_template_source(folder: Path, config: dict) -> str | None:
-    """chat_template.jinja (newer HF saves) over tokenizer_config.json's `chat_template`, which
-    is a string or a list of named templates (the one named "default" is used)."""
+def _chat_template_source(folder: Path, config: dict) -> tuple[str | None, Path]:
+    """(template, the file it is read from): chat_template.jinja (newer HF saves) over
+    tokenizer_config.json's `chat_template`, which is a string or a list of named templates
+    (the one named "default" is used)."""
     jinja_file = folder / "chat_template.jinja"
     if jinja_file.is_file():
-        return jinja_file.read_text(encoding="utf-8")
+        return jinja_file.read_text(encoding="utf-8"), jinja_file
     template = config.get("chat_template")
     if isinstance(template, list):
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default")
-    return template if isinstance(template, str) else None
+    return (template if isinstance(template, str) else None), folder / "tokenizer_config.json"
 
 
 def load_tokenizer(name_or_path: str | os.PathLike) -> Tokenizer:

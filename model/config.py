@@ -309,6 +309,15 @@ _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
                     "hidden_activation": "gelu_pytorch_tanh", "rope_theta": 1_000_000.0,
                     "rope_local_base_freq": 10_000.0, "sliding_window_pattern": 6},
 }
+# The type of each field read as a number or flag, checked before any is used, so a wrong one
+# ("hidden_size": "128") is named rather than failing in the arithmetic it reaches first.
+_FIELD_TYPES = {**dict.fromkeys(("vocab_size", "hidden_size", "intermediate_size",
+                                 "num_hidden_layers", "num_attention_heads",
+                                 "num_key_value_heads", "head_dim", "max_position_embeddings",
+                                 "sliding_window"), int),
+                **dict.fromkeys(("rms_norm_eps", "initializer_range", "rope_theta",
+                                 "query_pre_attn_scalar"), float),
+                **dict.fromkeys(("tie_word_embeddings", "attention_bias"), bool)}
 
 
 def _parse_hf_config(raw: dict[str, Any], source: str) -> ModelConfig:
@@ -325,6 +334,12 @@ def _parse_hf_config(raw: dict[str, Any], source: str) -> ModelConfig:
                 raise fail(f"required field {name!r} is missing")
             return defaults.get(name, default)
         return raw[name]
+
+    for name, kind in _FIELD_TYPES.items():
+        value = raw.get(name)
+        if value is not None and not (type(value) is kind or kind is float and type(value) is int):
+            expected = {int: "an integer", float: "a number", bool: "true or false"}[kind]
+            raise fail(f"field {name!r} = {value!r}: expected {expected}")
 
     # Features transformers would compute and we do not: refuse rather than diverge.
     activation_key = "hidden_activation" if family == "gemma3_text" else "hidden_act"

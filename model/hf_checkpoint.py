@@ -26,8 +26,10 @@ from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor, Shard
 
 from prefixdpo.model.config import ModelConfig
+from prefixdpo.model.local_files import check_files, checked_file
 from prefixdpo.model.transformer import Transformer, build_model
 
+CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 # Stored dtypes read (and converted to the model's dtype); integer, bool, float8 and unknown
 # dtypes (quantized checkpoints) are refused rather than read as numbers they are not.
@@ -48,10 +50,11 @@ def ours_to_hf(name: str) -> str:
 
 
 def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
-    """A local folder as is; otherwise a hub repo id, fetched (or found in the HF cache)."""
+    """A local folder as is; otherwise a hub repo id, fetched (or found in the HF cache).
+    Either way, the files read from it must lie inside it (`model.local_files`)."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        return path
+        return checked_model_dir(path)
     text = str(name_or_path)
     if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
         raise ValueError(f"{text}: no such model folder (expected a local folder with "
@@ -59,17 +62,27 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
     from huggingface_hub import snapshot_download
     # model*.safetensors: some repos also hold a second copy of the weights in another layout
     # (e.g. consolidated.safetensors), which is never read.
-    patterns = ["config.json", "model*.safetensors", INDEX_FILE, *TOKENIZER_FILES]
+    patterns = [CONFIG_FILE, "model*.safetensors", INDEX_FILE, *TOKENIZER_FILES]
     try:
-        return Path(snapshot_download(text, allow_patterns=patterns))
+        folder = Path(snapshot_download(text, allow_patterns=patterns))
     except Exception as e:  # offline, unknown repo, gated, ...: one clear message
         raise ValueError(f"{text}: could not fetch from the Hugging Face Hub or find it in the "
                          f"local cache ({type(e).__name__}: {e})") from None
+    return checked_model_dir(folder)
+
+
+def checked_model_dir(folder: Path) -> Path:
+    """`folder`, after checking that none of the files a run reads from it (config, weights
+    index, tokenizer files) is a link leading outside it; the shards an index lists are checked
+    by `checkpoint_files`."""
+    check_files(folder, [CONFIG_FILE, SINGLE_FILE, INDEX_FILE, *TOKENIZER_FILES])
+    return folder
 
 
 def checkpoint_files(model_dir: Path) -> list[Path]:
-    """The safetensors files of a checkpoint, from its index when sharded."""
-    index = model_dir / INDEX_FILE
+    """The safetensors files of a checkpoint, from its index when sharded; each one checked
+    to lie inside `model_dir` (`model.local_files`)."""
+    index = checked_file(model_dir, INDEX_FILE)
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -80,8 +93,8 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
                              "object of tensor name -> file name)")
         for name, shard in weight_map.items():
             _check_shard_name(index, name, shard)
-        files = [model_dir / f for f in sorted(set(weight_map.values()))]
-    elif (model_dir / SINGLE_FILE).is_file():
+        files = [checked_file(model_dir, f) for f in sorted(set(weight_map.values()))]
+    elif checked_file(model_dir, SINGLE_FILE).is_file():
         files = [model_dir / SINGLE_FILE]
     else:
         raise ValueError(f"{model_dir}: no {SINGLE_FILE} or {INDEX_FILE} found "
@@ -94,7 +107,7 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
 
 def _check_shard_name(index: Path, tensor: str, shard: object) -> None:
     """A weight_map entry must name a file inside the model folder as written: relative, with
-    no `..`. Symlinks are not resolved, so the hub cache's links into blobs/ still work."""
+    no `..`. Where it leads (a link) is checked by `checked_file`."""
     if (not isinstance(shard, str) or not shard or Path(shard).is_absolute()
             or ".." in Path(shard).parts):
         raise ValueError(f"{index}: weight_map entry {shard!r} (tensor {tensor!r}) must be a "
@@ -310,6 +323,9 @@ def save_hf_checkpoint(state: Mapping[str, torch.Tensor], config: ModelConfig,
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
+    """Copy the tokenizer files of `src` that exist into `dst`; a file of `src` that is a link
+    leading outside it is refused (`model.local_files`), never copied."""
+    check_files(src, TOKENIZER_FILES)  # all of them before the first is copied
     copied = []
     for name in TOKENIZER_FILES:
         if (src / name).is_file() and (src / name).resolve() != (dst / name).resolve():

@@ -24,24 +24,30 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from safetensors import SafetensorError
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from prefixdpo.model.config import ModelConfig
-from prefixdpo.model.hf_checkpoint import (copy_tokenizer_files, expected_shapes, load_state_dict,
-                                 resolve_model_dir, save_hf_checkpoint)
-from prefixdpo.train.checkpoint import describe
+from prefixdpo.model.hf_checkpoint import (checked_model_dir, copy_tokenizer_files,
+                                           expected_shapes, load_state_dict, resolve_model_dir,
+                                           save_hf_checkpoint)
+from prefixdpo.train.checkpoint import unwrapped, describe
 from prefixdpo.train.lora import merged_state_dict, split_state_dict
+from prefixdpo.train.run_dir import check_output_folder, output_error
 
 MODEL_KEY = "model"
 
 
 def hf_to_dcp(hf: str, out: Path) -> None:
+    check_output_folder(out, "--out")
     model_dir = resolve_model_dir(hf)
     config = ModelConfig.from_file(model_dir)
     state = load_state_dict(model_dir, config)
-    out.mkdir(parents=True, exist_ok=True)
-    dcp.save({MODEL_KEY: state}, storage_writer=dcp.FileSystemWriter(out), no_dist=True)
+    try:
+        dcp.save({MODEL_KEY: state}, storage_writer=dcp.FileSystemWriter(out), no_dist=True)
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - a failed write
+        raise output_error("--out", out, unwrapped(e)) from None
     print(f"wrote {len(state)} tensors to {out}")
 
 
@@ -100,10 +106,14 @@ def lora_section(ckpt: Path) -> dict:
 def dcp_to_hf(ckpt: Path, hf_config: Path, out: Path) -> None:
     if not hf_config.is_dir():
         raise ValueError(f"{hf_config}: --hf-config must be a folder holding config.json")
-    config = ModelConfig.from_file(hf_config)
+    config = ModelConfig.from_file(checked_model_dir(hf_config))
+    check_output_folder(out, "--out")
     state = read_dcp_model(ckpt, config)
-    save_hf_checkpoint(state, config, out)
-    copied = copy_tokenizer_files(hf_config, out)
+    try:
+        save_hf_checkpoint(state, config, out)
+        copied = copy_tokenizer_files(hf_config, out)
+    except (OSError, SafetensorError) as e:
+        raise output_error("--out", out, e) from None
     print(f"wrote {len(state)} tensors and config.json to {out}"
           + (f" (+ {', '.join(copied)})" if copied else ""))
 

@@ -15,6 +15,8 @@ import json
 import sys
 from pathlib import Path
 
+from prefixdpo.train.run_dir import check_output_file, output_error
+
 # (panel title, training key, evaluation key); a key a run never logged is left out.
 PANELS = (
     ("loss", "loss", "eval/loss"),
@@ -60,6 +62,13 @@ def plot_runs(run_dirs: list[Path]):
     from matplotlib.figure import Figure
 
     runs = [(name, read_metrics(d)) for name, d in zip(run_names(run_dirs), run_dirs)]
+    empty = [str(d) for d, (_, records) in zip(run_dirs, runs) if not records]
+    if len(empty) == len(runs):
+        raise ValueError(f"nothing to plot: no logged step in the metrics.jsonl of "
+                         f"{', '.join(empty)} (has the run logged its first step?)")
+    for folder in empty:
+        print(f"note: {folder}: no logged step in its metrics.jsonl; it is left out",
+              file=sys.stderr)
     figure = Figure(figsize=(15, 4.5), layout="constrained")
     axes = figure.subplots(1, len(PANELS))
     colors = [f"C{i % 10}" for i in range(len(runs))]
@@ -89,18 +98,26 @@ def main(argv: list[str] | None = None) -> int:
                         help="image to write (.png, .pdf, .svg)")
     args = parser.parse_args(argv)
     try:
-        import matplotlib  # noqa: F401
+        from matplotlib.figure import Figure
     except ImportError:
         print("error: plotting needs matplotlib: pip install 'prefixdpo[plot]'",
               file=sys.stderr)
         return 1
     try:
+        formats = Figure().canvas.get_supported_filetypes()
+        suffix = args.out.suffix.lower().removeprefix(".")
+        if suffix and suffix not in formats:  # no suffix: matplotlib writes png
+            raise ValueError(f"--out {args.out}: matplotlib cannot write .{suffix} images; "
+                             f"name a file ending in one of: .{', .'.join(sorted(formats))}")
+        check_output_file(args.out, "--out")
         figure = plot_runs(args.runs)
+        try:
+            figure.savefig(args.out, dpi=120)
+        except OSError as e:
+            raise output_error("--out", args.out, e) from None
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(args.out, dpi=120)
     print(f"wrote {args.out}")
     return 0
 

@@ -36,6 +36,7 @@ from prefixdpo.data.loader import fit_examples
 from prefixdpo.data.tokenizer import load_tokenizer
 from prefixdpo.model.hf_checkpoint import load_model, resolve_model_dir
 from prefixdpo.model.executor import choose_executor
+from prefixdpo.train.run_dir import check_output_file, output_error
 from prefixdpo.train.scoring import score_sequences
 
 # The flags that set data options, named in messages instead of the config keys.
@@ -86,6 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda but no CUDA device is available")
     device = torch.device(args.device)
+    check_output_file(args.out, "--out")  # before any work
     model_dir = resolve_model_dir(args.model)
     tokenizer = load_tokenizer(args.tokenizer or model_dir)
     data_config = DataConfig(path=args.data, split=args.split, format=args.format,
@@ -105,9 +107,11 @@ def main(argv: list[str] | None = None) -> None:
                                     micro_batch_size=args.batch_size, device=device,
                                     executor=choose_executor("auto", device))
     records = pair_records(examples, logps.tolist(), counts.tolist())
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
+    try:
+        with open(args.out, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+    except OSError as e:
+        raise output_error("--out", args.out, e) from None
     print(f"wrote {len(records)} pairs to {args.out}" + (
         f" ({data.num_skipped} rows skipped)" if data.num_skipped else ""))
     print(summary(records, args.reference, args.beta))

@@ -5,6 +5,7 @@ Kept apart from the loop so `train()` reads as a sequence of steps.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 from prefixdpo.data.config import DataConfig
 from prefixdpo.data.dataset import PreferenceData, load_preference_data
 from prefixdpo.data.example import Example
-from prefixdpo.data.loader import FitReport, fit_examples
+from prefixdpo.data.loader import FitReport, PreferenceLoader, fit_examples
 from prefixdpo.data.tokenizer import Tokenizer, load_tokenizer
 from prefixdpo.model.config import ModelConfig
 from prefixdpo.model.hf_checkpoint import load_weights, local_rows, resolve_model_dir
@@ -128,3 +129,39 @@ def load_run_data(config: DataConfig, tokenizer: Tokenizer, seed: int,
                                                eval_locations)
         num_eval_truncated = eval_fit.num_truncated
     return RunData(train, eval_examples, fit, loaded, num_eval_truncated)
+
+
+def check_sizes(loader: PreferenceLoader, config: ModelConfig, device: torch.device) -> None:
+    """What the data and the device bound, checked before anything is allocated (an absurd
+    train.micro_batch_size would otherwise grow the process until the kernel kills it): a
+    micro-batch of more rows than the data makes, a step of more micro-batches than the data
+    makes, a micro-batch whose hidden states alone exceed the device's memory. ValueError, one
+    line naming the keys."""
+    rows, size = loader.num_rows, loader.micro_batch_size
+    if size > rows:
+        raise ValueError(f"train.micro_batch_size = {size} is more rows than the training data "
+                         f"makes ({rows} rows in layout {loader.layout!r}); set it to {rows} "
+                         "or less")
+    micro_batches, per_step = len(loader.micro_batch_plan(0)), loader.grad_accum * \
+        loader.world_size
+    if per_step > micro_batches:
+        raise ValueError(f"train.grad_accum x ranks = {per_step} micro-batches per step, more "
+                         f"than the training data makes ({micro_batches} micro-batches of "
+                         f"{size} rows): the rest of every step would be padding; lower "
+                         "train.grad_accum")
+    tokens = size * loader.row_length
+    need = tokens * config.hidden_size * (2 if device.type == "cuda" else 4)
+    capacity = device_memory(device)
+    if need > capacity:
+        raise ValueError(
+            f"a micro-batch of {size} rows x {loader.row_length} tokens needs {need / 2**30:.1f} "
+            f"GiB for one layer's hidden states alone, more than the {capacity / 2**30:.1f} GiB "
+            f"of the {device.type} device; lower train.micro_batch_size or "
+            "data.packing_length")
+
+
+def device_memory(device: torch.device) -> int:
+    """Bytes of memory of `device`: the GPU's, or the host's physical memory."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 import types
 import typing
@@ -44,6 +45,7 @@ class ModelSection:
         if bool(self.path) == bool(self.config):
             raise ValueError("set exactly one of model.path (a checkpoint) and model.config "
                              "(a config.json for random initialization)")
+        _check_seed("model.init_seed", self.init_seed)
 
 
 @dataclass(frozen=True)
@@ -130,18 +132,24 @@ class TrainSection:
                 raise ValueError(f"train.{name} must be >= 1")
         if self.eval_every < 0:
             raise ValueError("train.eval_every must be >= 0")
+        _check_seed("train.seed", self.seed)
 
 
 @dataclass(frozen=True)
 class CheckpointSection:
     every: int = 0           # steps between checkpoints; 0 = at the end only
     keep_last: int = 2       # older checkpoints are deleted once a newer one is complete
-    resume: bool = True      # continue from the latest checkpoint in train.output_dir
+    # Continue from the latest checkpoint in train.output_dir. A checkpoint of a run with
+    # another model, loss or reference is refused; "force" resumes from it all the same.
+    resume: bool | str = True
     export_hf: bool = True   # write a Hugging Face checkpoint to output_dir/hf at the end
 
     def __post_init__(self) -> None:
         if self.every < 0 or self.keep_last < 1:
             raise ValueError("checkpoint.every must be >= 0 and checkpoint.keep_last >= 1")
+        if isinstance(self.resume, str) and self.resume != "force":
+            raise ValueError(f"checkpoint.resume = {self.resume!r}; expected true, false or "
+                             "'force'")
 
 
 @dataclass(frozen=True)
@@ -161,6 +169,7 @@ class LoraSection:
                              f"{', '.join(LORA_TARGETS)}")
         for name in self.target_modules:
             _check_choice("lora.target_modules", name, LORA_TARGETS)
+        _check_seed("lora.init_seed", self.init_seed)
 
 
 @dataclass(frozen=True)
@@ -203,11 +212,18 @@ def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{name} = {value!r}; expected one of: {', '.join(allowed)}")
 
 
+def _check_seed(name: str, value: int) -> None:
+    # numpy's and torch's generators take seeds in [0, 2**64); TOML integers stop at 2**63.
+    if not 0 <= value < 2**63:
+        raise ValueError(f"{name} = {value}; expected an integer from 0 to 2**63 - 1")
+
+
 _SECTION_TYPES = typing.get_type_hints(Config)
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
-    """Read a TOML file and apply `--section.key=value` overrides."""
+    """Read a TOML file and apply `--section.key=value` overrides. An error names the override
+    that set the key at fault, else the file."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: config file not found")
@@ -215,10 +231,14 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid TOML ({e})") from None
+    given = {}  # "section.key" -> the override that set it
     for override in overrides:
         section, key, value = parse_override(override)
-        raw.setdefault(section, {})[key] = value
-    return build_config(raw, source=str(path))
+        if not isinstance(raw.setdefault(section, {}), dict):
+            raise ValueError(f"{override}: [{section}] is not a table of keys in {path}")
+        raw[section][key] = value
+        given[f"{section}.{key}"] = override
+    return build_config(raw, source=str(path), overrides=given)
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:
@@ -236,36 +256,51 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return section, key, value
 
 
-def build_config(raw: dict[str, Any], source: str = "config") -> Config:
+def build_config(raw: dict[str, Any], source: str = "config",
+                 overrides: dict[str, str] | None = None) -> Config:
+    """`overrides`: "section.key" -> the command-line override that set it, which errors about
+    that key name instead of `source`."""
+    overrides = overrides or {}
     unknown = sorted(set(raw) - set(_SECTION_TYPES))
     if unknown:
-        raise ValueError(f"{source}: unknown section [{unknown[0]}]; valid sections: "
+        where = next((o for k, o in overrides.items() if k.split(".")[0] == unknown[0]), source)
+        raise ValueError(f"{where}: unknown section [{unknown[0]}]; valid sections: "
                          f"{', '.join(_SECTION_TYPES)}")
     sections = {}
     for name, cls in _SECTION_TYPES.items():
         values = raw.get(name, {})
         if not isinstance(values, dict):
             raise ValueError(f"{source}: [{name}] must be a table of keys")
-        sections[name] = _build_section(name, cls, values, source)
+        sections[name] = _build_section(name, cls, values, source, overrides)
     try:
         return Config(**sections)
     except ValueError as e:
-        raise ValueError(f"{source}: {e}") from None
+        raise ValueError(_attributed(str(e), source, overrides)) from None
 
 
-def _build_section(name: str, cls: type, values: dict[str, Any], source: str) -> Any:
+def _build_section(name: str, cls: type, values: dict[str, Any], source: str,
+                   overrides: dict[str, str]) -> Any:
     hints = typing.get_type_hints(cls)
     unknown = sorted(set(values) - set(hints))
     if unknown:
-        raise ValueError(f"{source}: unknown key {name}.{unknown[0]}; valid keys in [{name}]: "
+        where = overrides.get(f"{name}.{unknown[0]}", source)
+        raise ValueError(f"{where}: unknown key {name}.{unknown[0]}; valid keys in [{name}]: "
                          f"{', '.join(hints)}")
-    kwargs = {key: _coerce(value, hints[key], f"{name}.{key}", source)
+    kwargs = {key: _coerce(value, hints[key], f"{name}.{key}",
+                           overrides.get(f"{name}.{key}", source))
               for key, value in values.items()}
     try:
         return cls(**kwargs)
     except ValueError as e:
-        message = str(e)
-        raise ValueError(f"{source}: {message}") from None
+        raise ValueError(_attributed(str(e), source, overrides)) from None
+
+
+def _attributed(message: str, source: str, overrides: dict[str, str]) -> str:
+    """`message` prefixed with the override that set a key it names, else with `source`."""
+    for key, override in overrides.items():
+        if re.search(rf"(?<![\w.]){re.escape(key)}(?!\w)", message):
+            return f"{override}: {message}"
+    return f"{source}: {message}"
 
 
 def _coerce(value: Any, hint: Any, where: str, source: str) -> Any:

@@ -14,6 +14,10 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+# Set by `prefixdpo-train` (train.cli) in the environment of the ranks it starts, as torchrun
+# sets TORCHELASTIC_RUN_ID: a rank whose parent changes has lost its launcher.
+LAUNCHER_ENV = "PREFIXDPO_LAUNCHER_PID"
+
 
 @dataclass(frozen=True)
 class Distributed:
@@ -38,6 +42,9 @@ def setup(device: str = "auto") -> Distributed:
     launched = "RANK" in os.environ  # by torchrun; else plain `python train.py`: a group of one
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(f"local rank {local_rank} but {torch.cuda.device_count()} CUDA "
+                             "device(s) visible: start at most one rank per GPU")
         torch.cuda.set_device(local_rank)
         torch_device = torch.device("cuda", local_rank)
     else:
@@ -49,7 +56,7 @@ def setup(device: str = "auto") -> Distributed:
             dist.init_process_group(backend, device_id=device_id)
         else:
             dist.init_process_group(backend, device_id=device_id, rank=0, world_size=1,
-                                    init_method=f"tcp://127.0.0.1:{_free_port()}")
+                                    init_method=f"tcp://127.0.0.1:{free_port()}")
     world_size = dist.get_world_size()
     mesh = init_device_mesh(device, (world_size,))
     return Distributed(dist.get_rank(), world_size, local_rank, torch_device, mesh)
@@ -82,7 +89,8 @@ def broadcast_text(text: str, device: torch.device, length: int = 64) -> str:
     return bytes(buffer.cpu().tolist()).rstrip(b"\0").decode("ascii")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host now (for a rendezvous of ranks started here)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -1,8 +1,9 @@
 """The training loop. `train(config)` reads in setup order; one optimizer step is
 `train.step.train_step`, set up by `train.setup.build_training`.
 
-Setup: process group -> data -> initial model -> parallelize -> reference -> optimizer ->
-resume -> loop -> final checkpoint and Hugging Face export.
+Setup: process group -> the checkpoint to resume from, checked against this run -> data and
+loader (sizes checked) -> initial model -> parallelize -> reference -> optimizer -> resume ->
+loop -> final checkpoint and Hugging Face export.
 """
 
 from __future__ import annotations
@@ -24,15 +25,17 @@ from prefixdpo.data.loader import PreferenceLoader
 from prefixdpo.model.hf_checkpoint import save_hf_checkpoint
 from prefixdpo.model.executor import choose_executor
 from prefixdpo.data.dataset import chat_template_override
-from prefixdpo.train.build import ModelSource, load_run_data, tokenizer_for
-from prefixdpo.train.checkpoint import (IncompleteCheckpoint, list_checkpoints, load_checkpoint,
-                              save_checkpoint)
+from prefixdpo.train.build import ModelSource, check_sizes, load_run_data, tokenizer_for
+from prefixdpo.train.checkpoint import (IncompleteCheckpoint, check_resume, list_checkpoints,
+                                        load_checkpoint, read_run_files, save_checkpoint)
 from prefixdpo.train.config import Config, ReferenceSection, to_toml
-from prefixdpo.train.distributed import Distributed, setup, teardown
+from prefixdpo.train.distributed import (LAUNCHER_ENV, Distributed, broadcast_text, setup,
+                                         teardown)
 from prefixdpo.train.forward import Reference
 from prefixdpo.train.losses import LossState
 from prefixdpo.train.metrics import MetricsLogger, peak_flops, peak_memory_gib
 from prefixdpo.train.optim import lr_at, set_lr
+from prefixdpo.train.reference import default_cache_dir, model_fingerprint
 from prefixdpo.train.lora import export_adapters, merged_state_dict
 from prefixdpo.train.reporting import Reporter, check_available
 from prefixdpo.train.run_dir import RunLock, check_writable, write_error
@@ -68,10 +71,10 @@ class StopSignal:
     def __init__(self):
         self.requested = False
         self.orphaned = False
-        # torchrun sets TORCHELASTIC_RUN_ID in its workers' environment. Not LOCAL_RANK alone:
-        # other launchers set it too, and their parent may end on purpose (a script that
-        # starts the run in the background and exits).
-        launched = "TORCHELASTIC_RUN_ID" in os.environ
+        # torchrun sets TORCHELASTIC_RUN_ID in its workers' environment, prefixdpo-train
+        # LAUNCHER_ENV. Not LOCAL_RANK alone: other launchers set it too, and their parent may
+        # end on purpose (a script that starts the run in the background and exits).
+        launched = "TORCHELASTIC_RUN_ID" in os.environ or LAUNCHER_ENV in os.environ
         self._parent = os.getppid() if launched else None
         self._previous = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -127,19 +130,22 @@ def _train(config: Config, env: Distributed) -> Path:
     log(f"{env.world_size} rank(s) on {device.type}")
     check_available(cfg_train.report_to)  # a missing tracker package, before any work
 
-    # Data.
+    # The checkpoint to resume from, if any: what defines the run (model, loss, reference) is
+    # compared with its run's before any work, and so is the data once read.
     source = ModelSource.from_section(config.model)
+    model_id = _model_id(config, source, env)
+    resume = _newest_readable(list_checkpoints(output_dir), log) \
+        if config.checkpoint.resume else None
+    if resume is not None:
+        checkpoints, (saved, saved_config) = resume
+        check_resume(checkpoints[-1], saved, saved_config, config_toml, model_id,
+                     config.checkpoint.resume == "force", log)
+
+    # Data.
     tokenizer = tokenizer_for(config.data, source)
     data = load_run_data(config.data, tokenizer, cfg_train.seed, progress=env.is_main,
                          max_positions=source.config.max_position_embeddings)
     log(data.summary())
-
-    # The policy, its reference and its optimizer.
-    training = build_training(
-        source, env, executor, train=cfg_train, optim=config.optim, loss=config.loss,
-        reference=config.reference, lora=config.lora, examples=data.train,
-        eval_examples=data.eval, packing_length=data.fit.packing_length, log=log)
-    model, reference, optimizer = training.model, training.reference, training.optimizer
     loader = PreferenceLoader(data.train, config.data.layout, cfg_train.micro_batch_size,
                               cfg_train.grad_accum, env.world_size, env.rank, cfg_train.seed,
                               data.fit.packing_length, executor.row_multiple,
@@ -148,13 +154,26 @@ def _train(config: Config, env: Distributed) -> Path:
                                    world_size=env.world_size, rank=env.rank, shuffle=False,
                                    packing_length=data.fit.packing_length,
                                    pad_multiple=executor.row_multiple) if data.eval else None
+    check_sizes(loader, source.config, device)
+    if resume is not None:
+        loader.load_state_dict(saved["loader"])  # refuses other data, before any work
 
+    # The policy, its reference (a resumed run takes its own folder's table) and its optimizer.
+    training = build_training(
+        source, env, executor, train=cfg_train, optim=config.optim, loss=config.loss,
+        reference=config.reference, lora=config.lora, examples=data.train,
+        eval_examples=data.eval, packing_length=data.fit.packing_length, log=log,
+        model_id=model_id, resuming=resume is not None)
+    model, reference, optimizer = training.model, training.reference, training.optimizer
     state = TrainState()
     # TR-DPO's reference changes during training: it is saved and restored with the policy.
     synced = reference.model if config.reference.sync_ref_model else None
-    checkpoints = list_checkpoints(output_dir) if config.checkpoint.resume else []
-    if checkpoints:
-        saved, resumed_from = _load_latest(checkpoints, model, optimizer, env.rank, log, synced)
+    if resume is not None:
+        def check(path: Path, files: tuple[dict, dict]) -> None:
+            check_resume(path, *files, config_toml, model_id,
+                         config.checkpoint.resume == "force", log)
+        saved, resumed_from = _load_latest(checkpoints, model, optimizer, env.rank, log, synced,
+                                           check)
         state = TrainState.from_state_dict(saved["train"])
         loader.load_state_dict(saved["loader"])
         log(f"resumed from {resumed_from} (step {state.step})")
@@ -162,7 +181,8 @@ def _train(config: Config, env: Distributed) -> Path:
     def checkpoint() -> Path:
         return save_checkpoint(
             output_dir, state.step, model, optimizer,
-            {"train": state.state_dict(), "loader": loader.state_dict()}, config_toml,
+            {"train": state.state_dict(), "loader": loader.state_dict(),
+             "run": {"model": model_id}}, config_toml,
             config.checkpoint.keep_last, env, reference=synced)
 
     def run_eval() -> None:
@@ -179,7 +199,7 @@ def _train(config: Config, env: Distributed) -> Path:
     stop = StopSignal()
     peak = peak_flops(device)
     window = _Window()
-    last_saved = state.step if checkpoints else -1
+    last_saved = state.step if resume is not None else -1
     batches_iter = iter(loader)
     if cfg_train.eval_on_start and state.step == 0:
         run_eval()
@@ -266,23 +286,60 @@ def sync_reference(reference: Reference, model: torch.nn.Module, step: int,
     return True
 
 
-def _load_latest(checkpoints: list[Path], model: torch.nn.Module,
-                 optimizer: torch.optim.Optimizer, rank: int, log,
-                 reference: torch.nn.Module | None = None) -> tuple[dict, Path]:
-    """Restore the newest complete checkpoint: one whose data files are partly gone is
-    passed over, with a line saying which and why. Every rank sees the same failures (DCP
-    gathers them), so all ranks pick the same checkpoint."""
+def _newest_readable(checkpoints: list[Path], log) -> tuple[list[Path], tuple[dict, dict]] | None:
+    """The checkpoints up to the newest whose train state and config can be read, and that
+    one's (state, config); newer damaged ones are passed over with a line each. None when there
+    is no checkpoint."""
     for i, path in enumerate(reversed(checkpoints)):
         try:
+            return checkpoints[:len(checkpoints) - i], read_run_files(path)
+        except IncompleteCheckpoint as e:
+            _pass_over(e, checkpoints[:len(checkpoints) - i], log)
+    return None
+
+
+def _load_latest(checkpoints: list[Path], model: torch.nn.Module,
+                 optimizer: torch.optim.Optimizer, rank: int, log,
+                 reference: torch.nn.Module | None = None,
+                 check: Callable[[Path, tuple[dict, dict]], None] | None = None
+                 ) -> tuple[dict, Path]:
+    """Restore the newest complete checkpoint (and `reference`, TR-DPO's synced one): one whose
+    files are partly gone or damaged is passed over, with a line saying which and why, and each
+    older one tried is first checked to be of this run (`check`). Every rank sees the same
+    failures (DCP gathers them), so all ranks pick the same checkpoint."""
+    for i, path in enumerate(reversed(checkpoints)):
+        try:
+            if i and check is not None:
+                check(path, read_run_files(path))
             return load_checkpoint(path, model, optimizer, rank, reference), path
         except IncompleteCheckpoint as e:
-            older = checkpoints[-2 - i] if i + 1 < len(checkpoints) else None
-            if older is None:
-                raise ValueError(f"{e}, and there is no older checkpoint to resume from; set "
-                                 "checkpoint.resume = false or use another train.output_dir"
-                                 ) from None
-            log(f"warning: {e}; resuming from the previous checkpoint {older} instead")
+            _pass_over(e, checkpoints[:len(checkpoints) - i], log)
     raise AssertionError("unreachable")
+
+
+def _pass_over(error: IncompleteCheckpoint, checkpoints: list[Path], log) -> None:
+    """A note that the last of `checkpoints` is passed over for the one before it; ValueError
+    when there is none."""
+    if len(checkpoints) < 2:
+        raise ValueError(f"{error}, and there is no older checkpoint to resume from; set "
+                         "checkpoint.resume = false or use another train.output_dir") from None
+    log(f"warning: {error}; resuming from the previous checkpoint {checkpoints[-2]} instead")
+
+
+def _model_id(config: Config, source: ModelSource, env: Distributed) -> str | None:
+    """The fingerprint of the initial weights (`model_fingerprint`) where the objective depends
+    on them after a resume (the reference is computed from them), else None. Rank 0 reads the
+    checkpoint files once and tells the others."""
+    if config.reference.mode not in ("precomputed", "live"):
+        return None
+    return broadcast_text(
+        model_fingerprint(source.checkpoint_dir, source.config_path, source.seed, env.device,
+                          _cache_dir(config)) if env.is_main else "", env.device)
+
+
+def _cache_dir(config: Config) -> Path:
+    return Path(config.reference.cache_dir) if config.reference.cache_dir \
+        else default_cache_dir()
 
 
 def export(model: torch.nn.Module, source: ModelSource, tokenizer_folder: Path | None,

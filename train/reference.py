@@ -12,7 +12,9 @@ instead of running a second model. The table is keyed by what determines it:
   raised whenever a change to them could change the numbers, so a table computed by older code
   is never reused from the shared cache.
 It is looked up in the run's own folder first (so a resumed run never depends on the shared
-cache), then in the shared cache, and computed only when neither has it.
+cache), then in the shared cache, and computed only when neither has it. A resumed run takes
+the run folder's table whatever its key (the table its checkpoints were trained against; a
+changed model is refused before, see `train.checkpoint.check_resume`) and never replaces it.
 
 LD-DPO (`loss.ld_alpha` < 1) also needs, per pair, each side's sum over its first
 min(n_chosen, n_rejected) tokens (`shared`, `[num_pairs, 2]`, in the dataset's pair
@@ -103,15 +105,16 @@ def cache_key(model_id: str, examples: Sequence[Example], dtype: str,
     return hashlib.sha256(text.encode()).hexdigest()[:40]
 
 
-def read_table(path: Path, key: str, num_sequences: int, num_pairs: int | None = None
+def read_table(path: Path, key: str | None, num_sequences: int, num_pairs: int | None = None
                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None:
-    """The cached table when `path` holds the one for `key`, else None. With `num_pairs`,
-    `(table, shared)`, and None when the file has no LD-DPO `shared` table of that size."""
+    """The cached table when `path` holds the one for `key` (any key: None), else None. With
+    `num_pairs`, `(table, shared)`, and None when the file has no LD-DPO `shared` table of that
+    size."""
     if not path.is_file():
         return None
     try:
         with safe_open(path, framework="pt") as f:
-            if (f.metadata() or {}).get("key") != key:
+            if key is not None and (f.metadata() or {}).get("key") != key:
                 return None
             table = f.get_tensor("logps")
             shared = None
@@ -161,7 +164,7 @@ def reference_log_probs(model: torch.nn.Module, examples: Sequence[Example], *, 
                         run_dir: Path, cache_dir: Path, name: str, micro_batch_size: int,
                         packing_length: int | str, device: torch.device,
                         executor: AttentionExecutor, rank: int, world_size: int, log=print,
-                        shared_prefix: bool = False
+                        shared_prefix: bool = False, resuming: bool = False
                         ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Float32 `[num_sequences]` reference log-probs of `examples` on `device`; with
     `shared_prefix` (LD-DPO), `(table, shared)` with `shared` the float32 `[num_pairs, 2]`
@@ -173,22 +176,23 @@ def reference_log_probs(model: torch.nn.Module, examples: Sequence[Example], *, 
 
     `model` must hold the initial weights when the table has to be computed. Collective: the
     ranks agree on loading or computing (a cache on one node's local disk is not on another's),
-    and when they compute, every rank scores its share. Rank 0 writes the files."""
+    and when they compute, every rank scores its share. Rank 0 writes the files. `resuming`:
+    the run folder's table is taken whatever its key, and is never written over."""
     numbering = Numbering(examples)
     num_sequences = numbering.num_sequences
     num_pairs = numbering.num_pairs if shared_prefix else None
     run_file = run_dir / RUN_FILE.format(suffix=f"_{name}")
     cache_file = cache_dir / f"{key}.safetensors"
     found, source = None, None
-    for candidate in (run_file, cache_file):
-        found = read_table(candidate, key, num_sequences, num_pairs)
+    for candidate, wanted in ((run_file, None if resuming else key), (cache_file, key)):
+        found = read_table(candidate, wanted, num_sequences, num_pairs)
         if found is not None:
             source = candidate
             break
     table, shared = found if shared_prefix and found is not None else (found, None)
     if all_reduce_sum([float(found is not None)], device)[0] == world_size:
         log(f"reference log-probs ({name}): loaded {source}")
-        if rank == 0 and source != run_file:
+        if rank == 0 and source != run_file and not (resuming and run_file.exists()):
             _write_copies([run_file], key, table, log, shared)
         return (table.to(device), shared.to(device)) if shared_prefix else table.to(device)
     also = "and their pairs' shared prefixes " if shared_prefix else ""
@@ -203,7 +207,11 @@ def reference_log_probs(model: torch.nn.Module, examples: Sequence[Example], *, 
     table = scored[0].float()
     shared = scored[2].float() if shared_prefix else None
     if rank == 0:
-        _write_copies([cache_file, run_file], key, table, log, shared)
+        keep = resuming and run_file.exists()  # the run's own: never written over
+        if keep:
+            log(f"warning: {run_file} is not used (unreadable, or without what this run "
+                "needs); the recomputed table is not written over it")
+        _write_copies([cache_file] + ([] if keep else [run_file]), key, table, log, shared)
     return (table, shared) if shared_prefix else table
 
 

@@ -71,12 +71,15 @@ def build_training(source: ModelSource, env: Distributed, executor: AttentionExe
                    reference: ReferenceSection, lora: LoraSection = LoraSection(),
                    examples: Sequence[Example] = (), eval_examples: Sequence[Example] = (),
                    packing_length: int = 0, log: Callable[[str], None] = print,
+                   model_id: str | None = None, resuming: bool = False,
                    stand_in_reference: Reference | None = None) -> Training:
     """The policy, its reference and its optimizer for `source` on `env`'s device, as the
     sections say. The initial model is sharded while still on the meta device: each rank then
     allocates, and reads or draws, only its own shards; parameters are float32, and CUDA
     computes in bfloat16. A precomputed reference is scored (or read from its cache) over
-    `examples` and `eval_examples` in rows of `packing_length` (0: "auto").
+    `examples` and `eval_examples` in rows of `packing_length` (0: "auto"), keyed by `model_id`
+    (`train.reference.model_fingerprint` of the initial weights; None: computed here), and
+    with `resuming` taken from the run folder whatever its key.
     `stand_in_reference` replaces the configured reference (a benchmark's table of values that
     do not change the cost, which spares it the scoring pass)."""
     device = env.device
@@ -96,7 +99,8 @@ def build_training(source: ModelSource, env: Distributed, executor: AttentionExe
         references = stand_in_reference, stand_in_reference
     else:
         references = build_reference(source, model, env, executor, reference, train,
-                                     loss.uses_ld, examples, eval_examples, packing_length, log)
+                                     loss.uses_ld, examples, eval_examples, packing_length, log,
+                                     model_id, resuming)
     optimizer = build_optimizer(model, optim, device)
     return Training(model, *references, optimizer, executor, loss, optim.max_grad_norm, env,
                     reference.mode)
@@ -105,7 +109,8 @@ def build_training(source: ModelSource, env: Distributed, executor: AttentionExe
 def build_reference(source: ModelSource, model: nn.Module, env: Distributed,
                     executor: AttentionExecutor, section: ReferenceSection,
                     train: TrainSection, shared_prefix: bool, examples: Sequence[Example],
-                    eval_examples: Sequence[Example], packing_length: int, log
+                    eval_examples: Sequence[Example], packing_length: int, log,
+                    model_id: str | None = None, resuming: bool = False
                     ) -> tuple[Reference, Reference]:
     """The training and the evaluation reference of `section.mode` (see `train.reference`);
     `shared_prefix`: LD-DPO also needs the pairs' shared-prefix sums."""
@@ -130,10 +135,10 @@ def build_reference(source: ModelSource, model: nn.Module, env: Distributed,
         live = LiveReference(frozen)
         return live, live
     cache_dir = Path(section.cache_dir) if section.cache_dir else default_cache_dir()
-    # Rank 0 reads the checkpoint files once and tells the others.
-    model_id = broadcast_text(
-        model_fingerprint(source.checkpoint_dir, source.config_path, source.seed, env.device,
-                          cache_dir) if env.is_main else "", env.device)
+    if model_id is None:  # rank 0 reads the checkpoint files once and tells the others
+        model_id = broadcast_text(
+            model_fingerprint(source.checkpoint_dir, source.config_path, source.seed,
+                              env.device, cache_dir) if env.is_main else "", env.device)
     dtype = "bfloat16" if env.device.type == "cuda" else "float32"
     tables = []
     for name, part in (("train", examples), ("eval", eval_examples)):
@@ -145,6 +150,6 @@ def build_reference(source: ModelSource, model: nn.Module, env: Distributed,
             run_dir=Path(train.output_dir), cache_dir=cache_dir, name=name,
             micro_batch_size=train.micro_batch_size, packing_length=packing_length or "auto",
             device=env.device, executor=executor, rank=env.rank, world_size=env.world_size,
-            log=log, shared_prefix=shared_prefix)
+            log=log, shared_prefix=shared_prefix, resuming=resuming)
         tables.append(TableReference(*table) if shared_prefix else TableReference(table))
     return tables[0], tables[1]

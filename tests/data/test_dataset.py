@@ -289,10 +289,11 @@ def test_a_template_past_its_budget_stops_loading_naming_it(tmp_path, tok):
                              "rejected": [{"role": "assistant", "content": "b"}]}])
     jinja = tmp_path / "loop.jinja"
     jinja.write_text("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}")
-    with pytest.raises(ValueError, match=rf"^{path}:1: the chat template given by "
-                                         r"data.chat_template: calls nested deeper than 50"):
+    with pytest.raises(ValueError, match=rf"^{path}:1: the chat template in {jinja} "
+                                         r"\(data.chat_template\): calls nested deeper than 50"):
         load(path, tok, chat_template=str(jinja), bad_rows="skip")
-    with pytest.raises(ValueError, match=rf"{path}:1: the chat template of .*ascii_bos: calls"):
+    with pytest.raises(ValueError, match=rf"{path}:1: the chat template in .*ascii_bos/"
+                                         r"tokenizer_config.json: calls"):
         tok_loop = Tokenizer.from_folder(FIXTURES / "ascii_bos")
         tok_loop.chat_template = jinja.read_text()
         load(path, tok_loop)
@@ -334,3 +335,67 @@ def test_max_examples_reads_and_counts_only_the_rows_used(tmp_path, tok, monkeyp
     assert loaded.summary().splitlines()[0].startswith("4 examples from 5 rows (standard)")
     assert "examples from" not in caplog.text
     assert f"1 rows skipped of 5 read\n  skipped {path}:3: field 'rejected'" in caplog.text
+
+
+def test_rows_that_python_cannot_parse_are_skippable(tmp_path, tok):
+    """Before: a RecursionError traceback, or Python's int_max_str_digits advice without file
+    or line, and neither skipped by bad_rows = "skip"."""
+    good = {"prompt": "Q", "chosen": "ab", "rejected": "c"}
+    deep = '{"prompt": ' + "[" * 100_000 + "]" * 100_000 + ', "chosen": "b", "rejected": "c"}'
+    long_int = '{"prompt": "a", "id": ' + "7" * 5000 + ', "chosen": "b", "rejected": "c"}'
+    path = write(tmp_path, [deep, good, long_int, good])
+    data = load(path, tok, bad_rows="skip")
+    assert (data.num_rows, data.num_skipped, len(data.examples)) == (4, 2, 2)
+    assert data.skipped[0].startswith(f"{path}:1: JSON nested too deeply")
+    assert data.skipped[1].startswith(f"{path}:3: JSON that Python cannot read")
+    with pytest.raises(ValueError, match=rf"^{path}:1: JSON nested too deeply.*data.bad_rows"):
+        load(path, tok)
+
+
+@pytest.mark.parametrize("where", ["data.chat_template", "chat_template.jinja",
+                                   "tokenizer_config.json"])
+def test_a_template_that_does_not_compile_names_its_file(tmp_path, where):
+    """Before: 'the chat template does not compile: ...', naming no file."""
+    import shutil
+
+    folder = tmp_path / "tok"
+    shutil.copytree(FIXTURES / "ascii_bos", folder)
+    broken = "{% for m in messages %}{{ m.content }}"  # no endfor
+    user = {"role": "user", "content": "hi"}
+    path = write(tmp_path, [{"prompt": [user], "chosen": [{"role": "assistant", "content": "a"}],
+                             "rejected": [{"role": "assistant", "content": "b"}]}])
+    settings = {}
+    if where == "data.chat_template":
+        (tmp_path / "t.jinja").write_text(broken)
+        settings["chat_template"] = str(tmp_path / "t.jinja")
+        expected = f"the chat template in {tmp_path / 't.jinja'} (data.chat_template)"
+    elif where == "chat_template.jinja":
+        (folder / "chat_template.jinja").write_text(broken)
+        expected = f"the chat template in {folder / 'chat_template.jinja'}"
+    else:
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        (folder / "tokenizer_config.json").write_text(json.dumps({**config,
+                                                                  "chat_template": broken}))
+        expected = f"the chat template in {folder / 'tokenizer_config.json'}"
+    with pytest.raises(ValueError) as error:
+        load(path, Tokenizer.from_folder(folder), **settings)
+    assert str(error.value).startswith(f"{expected} does not compile: "), str(error.value)
+    assert "(line 1)" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_openai_rows_with_tools_say_the_tools_are_not_used(tmp_path, tok, caplog):
+    """Before: the rows trained with their tools dropped, without a word."""
+    user = {"role": "user", "content": "weather?"}
+    row = {"input": {"messages": [user], "tools": [{"type": "function", "function": {
+        "name": "get_weather", "parameters": {}}}]},
+           "preferred_output": [{"role": "assistant", "content": "sunny"}],
+           "non_preferred_output": [{"role": "assistant", "content": "no idea"}]}
+    plain = {**row, "input": {"messages": [user]}}
+    path = write(tmp_path, [row, plain, row])
+    template = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    with caplog.at_level(logging.WARNING, logger="prefixdpo.data"):
+        data = load(path, tok, chat_template=template)
+    assert len(data.examples) == 3 and data.unused == {"input.tools": 2}
+    warnings = [r.getMessage() for r in caplog.records]
+    assert warnings == [f"{path}: not used: input.tools (2 rows); the prompt is rendered from "
+                        "input.messages alone (the chat template gets no tools)"]

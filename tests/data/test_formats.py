@@ -220,3 +220,11 @@ def test_rename_columns():
                                        r"--columns; this row has: question, response_j\)"):
         rename_columns({"question": "q", "response_j": "a"}, columns, LOC,
                        names={"columns": "--columns"})
+
+
+def test_ranked_scores_of_the_wrong_length_say_their_length():
+    """Before: 'expected a list of 3 numbers (one per completion), found a list'."""
+    record = {"prompt": "Q", "completions": ["a", "b", "c"], "scores": [1, 2]}
+    with pytest.raises(RowError, match=r"field 'scores': expected a list of 3 numbers \(one per "
+                                       r"completion\), found a list of 2$"):
+        parse_record(record, LOC, "ranked")

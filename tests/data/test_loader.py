@@ -169,6 +169,23 @@ def test_unpacked_example_larger_than_micro_batch_is_refused():
         make(examples, "paired", micro_batch_size=2)
 
 
+def test_an_explicit_packing_length_with_an_unpacked_layout_is_said_to_be_ignored(caplog):
+    """Before: data.layout = "paired" with data.packing_length = 1024 was taken without a
+    word that the length does nothing."""
+    import logging
+
+    examples = random_examples(6, 100)
+    with caplog.at_level(logging.WARNING, logger="prefixdpo.data.loader"):
+        fit_examples(examples, "paired", 1024, "truncate")
+        fit_examples(examples, "paired", "auto", "truncate")
+        fit_examples(examples, "shared", 1024, "truncate", names={"packing_length": "--pl"})
+    assert [r.getMessage() for r in caplog.records] == [
+        "data.packing_length = 1024 is ignored: layout 'paired' does not pack rows (each row "
+        "is padded to the longest of its micro-batch)",
+        "--pl = 1024 is ignored: layout 'shared' does not pack rows (each row is padded to the "
+        "longest of its micro-batch)"]
+
+
 @pytest.mark.parametrize("layout", ["paired", "shared"])
 def test_unpacked_micro_batches_fit_a_token_budget(layout):
     """With a token budget, an unpacked micro-batch takes whole examples, in the shuffled order,

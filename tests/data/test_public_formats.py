@@ -372,6 +372,32 @@ def test_a_bad_first_row_is_reported_as_itself(tmp_path, tok, first, message):
 
 def test_no_row_with_a_known_format(tmp_path, tok):
     path = write_jsonl(tmp_path, [{"prompt": "Q", "chosen": None, "rejected": "b"}] * 3)
+    # The keys point to the standard format: each row is the bad row it is.
+    with pytest.raises(ValueError, match=r"d.jsonl:1: field 'chosen': expected a string, "
+                                         r"found null. To skip bad rows instead"):
+        load(path, tok)
+    path = write_jsonl(tmp_path, [{"question": "Q", "answer": "b"}] * 3)
     with pytest.raises(ValueError, match=r"d.jsonl:1: cannot tell the data format .*\(none of "
                                          r"the first 3 rows has a known format\)$"):
         load(path, tok, bad_rows="skip")
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_a_wrong_type_in_every_row_is_the_same_error_in_every_file_type(tmp_path, tok, suffix):
+    """A parquet column has one type, so an int `prompt` is in every row: before, 'cannot tell
+    the data format' there, and 'field 'prompt': expected a string' in JSONL."""
+    rows = [{"prompt": i, "chosen": "a", "rejected": "b"} for i in range(3)]
+    if suffix == ".parquet":
+        pq = pytest.importorskip("pyarrow.parquet")
+        import pyarrow as pa
+
+        path = tmp_path / "d.parquet"
+        pq.write_table(pa.Table.from_pylist(rows), path)
+        where = f"{path}[0]"
+    else:
+        path = write_jsonl(tmp_path, rows)
+        where = f"{path}:1"
+    with pytest.raises(ValueError) as error:
+        load(path, tok)
+    assert str(error.value).startswith(f"{where}: field 'prompt': expected a string, found a "
+                                       "number")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import sys
 import types
 from pathlib import Path
@@ -221,3 +222,53 @@ def test_duplicate_key_in_a_json_file_record_is_a_row_error(tmp_path):
     with pytest.raises(ValueError, match=r"d.json: the top-level JSON object gives the key "
                                          r"'data' twice"):
         list(read_rows(str(path)))
+
+
+# Rows that broke the reader (before: a RecursionError traceback; Python's
+# sys.set_int_max_str_digits() advice without file or line; neither skippable).
+DEEP = '{"prompt": ' + "[" * 100_000 + "]" * 100_000 + ', "chosen": "b", "rejected": "c"}'
+LONG_INT = '{"prompt": "a", "id": ' + "7" * 5000 + ', "chosen": "b", "rejected": "c"}'
+
+
+@pytest.mark.parametrize("line, reason", [
+    (DEEP, "JSON nested too deeply to read (deeper than Python's recursion limit"),
+    (LONG_INT, "JSON that Python cannot read (Exceeds the limit (4300 digits) for integer "
+               "string conversion"),
+])
+def test_rows_that_python_cannot_parse_are_row_errors(tmp_path, line, reason):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(RECORDS[0]) + "\n" + line + "\n" + json.dumps(RECORDS[1]) + "\n")
+    rows = list(read_rows(str(path)))
+    assert [r.location for r in rows] == [f"{path}:1", f"{path}:2", f"{path}:3"]
+    assert rows[1].value is None and rows[1].error.startswith(reason), rows[1].error
+    assert "\n" not in rows[1].error and rows[2].value == RECORDS[1]
+    json_file = tmp_path / "d.json"  # read whole: one error for the file, naming it
+    json_file.write_text("[" + json.dumps(RECORDS[0]) + ",\n" + line + "]")
+    with pytest.raises(ValueError, match=rf"^{json_file}: {re.escape(reason)}.* make it .jsonl"):
+        list(read_rows(str(json_file)))
+
+
+def test_a_cut_line_is_reported_where_it_ends(tmp_path):
+    """Before: 'malformed JSON at column 1' (json's position after the line break) for a row
+    cut at column 44."""
+    path = tmp_path / "d.jsonl"
+    cut = json.dumps(RECORDS[0])[:-1]  # the closing brace lost
+    path.write_text("\n".join([json.dumps(RECORDS[1])] * 5 + [cut]) + "\n")
+    row = list(read_rows(str(path)))[5]
+    assert row.location == f"{path}:6"
+    assert row.error == (f"malformed JSON at column {len(cut) + 1}: Expecting ',' delimiter "
+                         "(the line ends before the JSON does: is it cut short?)")
+
+
+def test_a_truncated_json_file_says_so_in_full(tmp_path):
+    """Before: '... malformed JSON at column 18: Unterminated string starting at', cut off."""
+    path = tmp_path / "d.json"
+    text = json.dumps(RECORDS, indent=1)
+    path.write_text(text[:text.index('"e"') + 2])  # ends inside the string "e"
+    line = text[:text.index('"e"')].count("\n") + 1
+    column = text.index('"e"') - text.rfind("\n", 0, text.index('"e"'))
+    with pytest.raises(ValueError) as error:
+        list(read_rows(str(path)))
+    assert str(error.value) == (f"{path}:{line}: malformed JSON at column {column}: "
+                                "Unterminated string (the file ends before the JSON does: is "
+                                "it cut short?)")

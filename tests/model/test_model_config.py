@@ -223,3 +223,21 @@ def test_generated_config_reads_back_in_transformers_as_the_same_class(family):
     if family != "mistral":
         assert list(theirs.layer_types) == list(config.layer_types)
     assert theirs.sliding_window == config.sliding_window
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    # Before: "unsupported operand type(s) for //: 'str' and 'int'", no field named.
+    ("hidden_size", "128", "an integer"),
+    ("num_attention_heads", 4.0, "an integer"),
+    ("rms_norm_eps", "1e-5", "a number"),
+    # Before: bool("false") is True, taken silently.
+    ("tie_word_embeddings", "false", "true or false"),
+])
+def test_a_field_of_the_wrong_type_is_named(tmp_path, field, value, expected):
+    raw = json.loads((REAL_CONFIGS / "llama-3.2-1b.json").read_text())
+    raw[field] = value
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError) as error:
+        ModelConfig.from_file(tmp_path)
+    assert str(error.value) == (f"{tmp_path / 'config.json'}: field {field!r} = {value!r}: "
+                                f"expected {expected}")

@@ -102,3 +102,13 @@ def test_damaged_dcp_folders_are_one_line_errors(hf_checkpoint, tmp_path):
                      "--out", str(tmp_path / "out"))
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert ".metadata: cannot be read" in result.stderr
+
+
+def test_an_output_folder_in_the_way_of_a_file_is_one_line(tmp_path):
+    """Before: a bare `[Errno 17] File exists`, naming neither the flag nor the fix."""
+    (tmp_path / "afile").write_text("")
+    result = convert("hf-to-dcp", "--hf", str(tmp_path / "absent"), "--out",
+                     str(tmp_path / "afile"))
+    assert result.returncode == 1 and result.stderr == (
+        f"error: --out {tmp_path / 'afile'}: cannot write it (a file of that name is in the way "
+        "of the folder); remove that file, or give --out another location\n")

@@ -131,3 +131,20 @@ def test_chat_template_and_columns_flags(tmp_path, capsys):
     assert script.main(["--data", renamed, "--tokenizer", str(TOKENIZER), "--columns",
                         "prompt"]) == 1
     assert "--columns 'prompt': expected field=column pairs" in capsys.readouterr().err
+
+
+def test_rows_that_python_cannot_parse_are_skipped_or_named(tmp_path, capsys):
+    """Before: a RecursionError traceback, and the int_max_str_digits advice without a line."""
+    path = tmp_path / "prefs.jsonl"
+    deep = '{"prompt": ' + "[" * 100_000 + "]" * 100_000 + ', "chosen": "b", "rejected": "c"}'
+    long_int = '{"prompt": "a", "id": ' + "7" * 5000 + ', "chosen": "b", "rejected": "c"}'
+    path.write_text("\n".join([json.dumps(ROWS[0]), deep, json.dumps(ROWS[1]), long_int,
+                               json.dumps(ROWS[2])]) + "\n")
+    script = load_script()
+    assert script.main(["--data", str(path), "--tokenizer", str(TOKENIZER)]) == 0
+    out = capsys.readouterr().out
+    assert "prefs: num_samples=2" in out and "prefs: num_skipped_rows=3" in out
+    assert script.main(["--data", str(path), "--tokenizer", str(TOKENIZER),
+                        "--bad-rows", "error"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}:2: JSON nested too deeply") and err.count("\n") == 1

@@ -77,3 +77,43 @@ def test_missing_run_is_one_line(tmp_path):
                             text=True, timeout=120)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "metrics.jsonl" in result.stderr
+
+
+def plot(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "scripts/plot_metrics.py", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("case", ["unknown format", "a folder", "under a file"])
+def test_output_path_errors_name_the_flag_and_the_fix(runs, tmp_path, case):
+    """Before: matplotlib's traceback for `--out c.xyz`, a bare `[Errno 21] Is a directory`."""
+    pytest.importorskip("matplotlib")
+    (tmp_path / "afile").write_text("")
+    out, expected = {
+        "unknown format": (tmp_path / "c.xyz", "error: --out {out}: matplotlib cannot write "
+                                               ".xyz images; name a file ending in one of: "),
+        "a folder": (tmp_path, "error: --out {out}: cannot write it (it is a folder); give "
+                               "--out a file name, not a folder"),
+        "under a file": (tmp_path / "afile" / "c.png", "error: --out {out}: cannot write it (a "
+                         "file of that name is in the way of the folder); remove that file, or "
+                         "give --out another location"),
+    }[case]
+    result = plot(str(runs[0]), "--out", str(out))
+    assert result.returncode == 1 and result.stdout == "", result.stderr
+    assert result.stderr.startswith(expected.format(out=out)), result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_an_empty_metrics_file_is_said(runs, tmp_path):
+    """Before: exit 0 and an empty figure, without a word."""
+    pytest.importorskip("matplotlib")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "metrics.jsonl").write_text("")
+    result = plot(str(empty), "--out", str(tmp_path / "x.png"))
+    assert result.returncode == 1 and not (tmp_path / "x.png").exists()
+    assert result.stderr == (f"error: nothing to plot: no logged step in the metrics.jsonl of "
+                             f"{empty} (has the run logged its first step?)\n")
+    result = plot(str(runs[0]), str(empty), "--out", str(tmp_path / "x.png"))
+    assert result.returncode == 0 and (tmp_path / "x.png").is_file()
+    assert result.stderr == f"note: {empty}: no logged step in its metrics.jsonl; it is left out\n"

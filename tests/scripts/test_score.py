@@ -145,3 +145,14 @@ def test_data_messages_name_the_flags_and_chat_template_is_a_flag(hf_checkpoint,
     script.main(args + ["--chat-template", "{% for m in messages %}{{ m.content }}{% endfor %}"])
     record, = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
     assert (record["chosen_tokens"], record["rejected_tokens"]) == (4, 3)  # "yes"/"no" + EOS
+
+
+def test_an_output_path_that_cannot_be_written_is_refused_first(tmp_path):
+    """Before: a bare `[Errno 21] Is a directory` after the whole scoring. Checked before the
+    model is read (the model here does not even exist)."""
+    result = subprocess.run([sys.executable, "scripts/score.py", "--model", str(tmp_path / "no"),
+                             "--data", "x.jsonl", "--out", str(tmp_path)],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 1 and result.stderr == (
+        f"error: --out {tmp_path}: cannot write it (it is a folder); give --out a file name, "
+        "not a folder\n")

@@ -253,6 +253,84 @@ def test_no_complete_checkpoint_is_one_line(tmp_path):
     assert "incomplete" in str(error.value) and "checkpoint.resume" in str(error.value)
 
 
+def test_a_checkpoint_without_metadata_is_passed_over_quietly(tmp_path, capfd):
+    """Before: DCP printed two FileNotFoundError tracebacks and the note said
+    'AssertionError: metadata is None'."""
+    model, optimizer = saved_checkpoints(tmp_path)
+    latest = list_checkpoints(tmp_path)[-1]
+    (latest / ".metadata").unlink()
+    notes = []
+    saved, path = loop._load_latest(list_checkpoints(tmp_path), model, optimizer, 0,
+                                    notes.append)
+    assert path.name == "step_00000001" and torch.all(model.norm.weight == 1.0)
+    assert notes == [f"warning: {latest} is incomplete (its .metadata file is missing); "
+                     f"resuming from the previous checkpoint {path} instead"]
+    assert "Traceback" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["{", "[1, 2]", b"\xff\xfe"])
+def test_a_damaged_train_state_falls_back_to_the_previous_checkpoint(tmp_path, damage):
+    """Before: a hard error with no advice, the intact previous checkpoint unused."""
+    model, optimizer = saved_checkpoints(tmp_path)
+    latest = list_checkpoints(tmp_path)[-1]
+    state_file = latest / checkpoint_module.STATE_FILE
+    state_file.write_bytes(damage if isinstance(damage, bytes) else damage.encode())
+    notes = []
+    checkpoints, (saved, _) = loop._newest_readable(list_checkpoints(tmp_path), notes.append)
+    assert [p.name for p in checkpoints] == ["step_00000001"] and saved["train"]["step"] == 1
+    assert len(notes) == 1 and str(state_file) in notes[0] and "damaged" in notes[0]
+    assert "step_00000001 instead" in notes[0] and "\n" not in notes[0]
+    saved, path = loop._load_latest(checkpoints, model, optimizer, 0, notes.append)
+    assert path.name == "step_00000001" and torch.all(model.norm.weight == 1.0)
+
+
+def test_a_damaged_only_checkpoint_is_one_line_with_advice(tmp_path):
+    saved_checkpoints(tmp_path, steps=(1,))
+    (list_checkpoints(tmp_path)[0] / checkpoint_module.STATE_FILE).write_text("{")
+    with pytest.raises(ValueError) as error:
+        loop._newest_readable(list_checkpoints(tmp_path), print)
+    message = str(error.value)
+    assert "\n" not in message and "damaged" in message and "checkpoint.resume = false" in message
+
+
+def test_a_full_disk_during_a_checkpoint_says_so(tmp_path, monkeypatch):
+    """torch.save's zip writer reports a full disk as 'unexpected pos 704 vs 598', without an
+    errno: the message says what it means (the real case: test_checkpoint_on_a_real_full_disk)."""
+    model, optimizer = saved_checkpoints(tmp_path, steps=(1,))
+
+    def full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    monkeypatch.setattr(checkpoint_module.dcp, "save", full)
+    monkeypatch.setattr(run_dir.os, "statvfs", lambda path: SimpleNamespace(
+        f_bfree=3, f_bavail=0, f_frsize=4096))
+    with pytest.raises(ValueError) as error:
+        save_checkpoint(tmp_path, 2, model, optimizer, {"train": {"step": 2}}, "", 3, CPU)
+    message = str(error.value)
+    assert "\n" not in message and "(the disk is full)" in message, message
+    assert "step_00000001 is intact" in message and "Free disk space" in message
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000001"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001"]
+
+
+def test_checkpoint_on_a_real_full_disk(tmp_path):
+    """A real full disk: a tmpfs of 400 KiB, smaller than the checkpoint (needs the right to
+    mount, as root in a container has; skipped otherwise)."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(folder)],
+                             capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()})")
+    try:
+        model, optimizer = saved_checkpoints(tmp_path / "big", steps=(1,))
+        with pytest.raises(ValueError) as error:
+            save_checkpoint(folder, 2, model, optimizer, {"train": {"step": 2}}, "", 3, CPU)
+        assert "(the disk is full)" in str(error.value), str(error.value)
+        assert list(folder.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
 def test_pruning_removes_the_completion_marker_first(tmp_path, monkeypatch):
     """A kill in the middle of deleting an old checkpoint leaves a folder that no longer
     counts as one; the next save deletes the leftover."""
@@ -346,6 +424,38 @@ def test_explicit_packing_length_above_max_positions_warns(caplog):
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1 and "data.packing_length = 1024" in warnings[0]
     assert "max_position_embeddings = 512" in warnings[0]
+
+
+# -- 6b. sizes the data and the device bound -------------------------------------------
+
+def small_loader(micro_batch_size: int = 2, grad_accum: int = 1, packing_length: int = 128):
+    from prefixdpo.data.loader import PreferenceLoader
+
+    examples, _ = fit_examples(random_examples(12, 200), "shared+packed", packing_length,
+                               "error")
+    return PreferenceLoader(examples, "shared+packed", micro_batch_size, grad_accum,
+                            packing_length=packing_length)
+
+
+@pytest.mark.parametrize("sizes, message", [
+    # Before: accepted, and the process grew until the kernel's OOM killer ended it (rc 137).
+    (dict(micro_batch_size=10**11), r"^train.micro_batch_size = 100000000000 is more rows than "
+                                    r"the training data makes \(\d+ rows in layout"),
+    (dict(grad_accum=10**11), r"^train.grad_accum x ranks = 100000000000 micro-batches per "
+                              r"step, more than the training data makes"),
+    (dict(micro_batch_size=1, packing_length=128 * 10**7),
+     r"^a micro-batch of 1 rows x 1280000000 tokens needs \d+\.\d GiB .* lower "
+     r"train.micro_batch_size or data.packing_length$"),
+])
+def test_absurd_sizes_are_refused_before_any_allocation(sizes, message, monkeypatch):
+    from prefixdpo.train.build import check_sizes
+
+    monkeypatch.setattr(os, "sysconf", lambda name: {"SC_PAGE_SIZE": 4096,
+                                                     "SC_PHYS_PAGES": 2**22}[name])  # 16 GiB
+    loader = small_loader(**sizes)
+    with pytest.raises(ValueError, match=message):
+        check_sizes(loader, tiny_config(hidden_size=128), CPU.device)
+    check_sizes(small_loader(), tiny_config(), CPU.device)  # the usual sizes pass
 
 
 # -- 7. NaN in the initial weights ----------------------------------------------------------

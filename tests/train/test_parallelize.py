@@ -121,7 +121,7 @@ def test_failed_save_keeps_the_previous_checkpoint(env, tmp_path, monkeypatch):
     # Fail inside DCP's own writer, so the error arrives wrapped as DCP wraps it.
     from torch.distributed.checkpoint import filesystem
     monkeypatch.setattr(filesystem, "_write_item", disk_full)
-    with pytest.raises(ValueError, match=r"No space left on device.*step_00000001 is intact"):
+    with pytest.raises(ValueError, match=r"\(the disk is full\).*step_00000001 is intact"):
         save_checkpoint(tmp_path, 2, model, optimizer, {"train": {"step": 2}, "loader": {}}, "",
                         keep_last=2, env=env)
     assert list_checkpoints(tmp_path) == [first]

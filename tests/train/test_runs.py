@@ -54,11 +54,15 @@ every = 3
     return config
 
 
-def launch(config: Path, *overrides: str, ranks: int = 0, **popen) -> subprocess.Popen:
-    """`python train.py` (ranks=0) or `torchrun --nproc_per_node ranks train.py`."""
+def launch(config: Path, *overrides: str, ranks: int = 0, nproc: int = 0,
+           **popen) -> subprocess.Popen:
+    """`python train.py` (one rank, through our launcher), `python train.py --nproc-per-node
+    nproc` (ranks of our launcher) or `torchrun --nproc_per_node ranks train.py`."""
     command = [sys.executable, "train.py"] if not ranks else [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
         f"--nproc_per_node={ranks}", "train.py"]
+    if nproc:
+        command.append(f"--nproc-per-node={nproc}")
     return subprocess.Popen([*command, "--config", str(config), *overrides], cwd=REPO,
                             env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             **popen)
@@ -68,7 +72,8 @@ def clean_env() -> dict[str, str]:
     """The environment without a launcher's variables (an in-process test may have set up a
     process group), one thread per process."""
     launcher = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-                "MASTER_PORT", "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID"}
+                "MASTER_PORT", "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID",
+                "PREFIXDPO_LAUNCHER_PID"}
     return {k: v for k, v in os.environ.items() if k not in launcher} | {"OMP_NUM_THREADS": "1"}
 
 
@@ -123,7 +128,7 @@ def test_resume_after_sigterm_is_exact(run_config, tmp_path):
         time.sleep(0.05)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 0, err[-3000:]
-    assert "stop requested" in out
+    assert "stop requested" in out and "Traceback" not in err
     saved = [p.name for p in stopped.glob("step_*")]
     assert len(saved) == 1 and int(saved[0][5:]) < 6
     stop_step = int(saved[0][5:])
@@ -201,27 +206,130 @@ def test_reference_modes_and_layouts(run_config, tmp_path, overrides, first_loss
     assert (out_dir / "reference_logps_train.safetensors").exists() == table
 
 
-@pytest.mark.distributed
-def test_readme_demo_command(tmp_path):
-    """The README's demo command, as written there, with fewer steps and examples so it stays
-    quick: it finishes and writes an exported model."""
+def readme_command(section: str, prefix: str) -> list[str]:
+    """The first command of the README section `section` that starts with `prefix`, split."""
     import shlex
 
     readme = (REPO / "README.md").read_text()
-    block = readme.split("## Set up and run the demo", 1)[1].split("```", 2)[1]
-    command = next(line for line in block.splitlines() if line.startswith("torchrun"))
-    argv = shlex.split(command)
-    assert argv[0] == "torchrun" and "--config" in argv
+    block = readme.split(section, 1)[1].split("```", 2)[1]
+    return shlex.split(next(line for line in block.splitlines() if line.startswith(prefix)))
+
+
+def installed_command(argv: list[str]) -> list[str]:
+    """`prefixdpo-train ...` as installed beside this Python (a console script)."""
+    assert argv[0] == "prefixdpo-train"
+    script = Path(sys.executable).parent / "prefixdpo-train"
+    assert script.is_file(), "install the package (pip install -e .) to get prefixdpo-train"
+    return [str(script), *argv[1:]]
+
+
+def test_readme_demo_command(tmp_path):
+    """The README's demo command, as written there, with fewer steps and examples so it stays
+    quick: it finishes and writes an exported model."""
+    argv = readme_command("## Set up and run the demo", "prefixdpo-train")
+    assert argv[0] == "prefixdpo-train" and "--config" in argv
     out = tmp_path / "demo"
     overrides = ["--train.steps=3", "--data.max_examples=24", "--checkpoint.every=0",
                  f"--train.output_dir={out}", f"--reference.cache_dir={tmp_path / 'cache'}"]
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", *argv[1:],
-                             *overrides], cwd=REPO, capture_output=True, text=True, timeout=300,
-                            env=clean_env())
+    result = subprocess.run([*installed_command(argv), *overrides], cwd=REPO,
+                            capture_output=True, text=True, timeout=300, env=clean_env())
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "hf" / "model.safetensors").is_file()
     assert (out / "hf" / "tokenizer.json").is_file()
     assert losses(out)[1] == pytest.approx(math.log(2), abs=1e-5)
+
+
+def error_lines(stderr: str) -> list[str]:
+    """stderr's lines as a terminal shows them (what follows a line's last carriage return),
+    progress bars and blank lines left out."""
+    shown = (line.rsplit("\r", 1)[-1] for line in stderr.splitlines())
+    return [line for line in shown if line.strip()
+            and not line.lstrip().startswith(("loading ", "scoring", "training"))]
+
+
+@pytest.mark.parametrize("case", ["bad data path", "model folder link", "resume changed",
+                                  "absurd micro-batch"])
+def test_the_readme_command_fails_in_one_line(run_config, tmp_path, case):
+    """The README's single-node command: a failing run prints our one `error:` line and nothing
+    else on stderr (before, under torchrun: its ChildFailedError traceback and a summary)."""
+    argv = readme_command("## Set up and run the demo", "prefixdpo-train")
+    command = [*installed_command(argv[:1]), "--config", str(run_config),
+               "--checkpoint.export_hf=false", "--train.steps=2"]
+    if case == "bad data path":
+        overrides = [f"--data.path={tmp_path / 'absent.jsonl'}"]
+        expected = f"error: {tmp_path / 'absent.jsonl'}: no such data file"
+    elif case == "absurd micro-batch":  # before: the OOM killer, rc 137, no message
+        overrides = ["--train.micro_batch_size=100000000000"]
+        expected = "error: train.micro_batch_size = 100000000000 is more rows than the training"
+    elif case == "model folder link":
+        from prefixdpo.model.config import ModelConfig
+        from prefixdpo.model.hf_checkpoint import save_hf_checkpoint
+        from prefixdpo.model.transformer import build_model
+
+        folder = tmp_path / "model"
+        model = build_model(ModelConfig.from_file(tmp_path / "model.json"), seed=0)
+        save_hf_checkpoint(model.state_dict(), model.config, folder)
+        secret = tmp_path / "outside.safetensors"
+        (folder / "model.safetensors").rename(secret)
+        (folder / "model.safetensors").symlink_to(secret)
+        overrides = [f"--model.path={folder}", "--model.config="]
+        expected = f"error: {folder / 'model.safetensors'} leads to {secret}, outside the folder"
+    else:
+        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
+                                timeout=300, env=clean_env())
+        assert result.returncode == 0, result.stderr[-3000:]
+        overrides = ["--model.init_seed=1", "--loss.beta=0.2", "--loss.type=ipo",
+                     "--train.steps=3"]
+        expected = (f"error: cannot resume from {tmp_path / 'run' / 'step_00000002'}: what "
+                    "defines the run differs from its run's: model.init_seed (0 -> 1); "
+                    'loss.type (["sigmoid"] -> ["ipo"]); loss.beta (0.1 -> 0.2).')
+    result = subprocess.run([*command, *overrides], cwd=REPO, capture_output=True, text=True,
+                            timeout=300, env=clean_env())
+    assert result.returncode == 1
+    lines = error_lines(result.stderr)
+    assert len(lines) == 1 and lines[0].startswith(expected), result.stderr[-3000:]
+
+
+@pytest.mark.distributed
+def test_two_ranks_of_the_launcher_stop_cleanly_on_sigterm(run_config, tmp_path):
+    """SIGTERM to `train.py --nproc-per-node 2`: passed on to both ranks, which save a
+    checkpoint at the end of their step; exit 0, no traceback (before, under torchrun: its
+    SignalException traceback and status 1)."""
+    out_dir = tmp_path / "run"
+    process = launch(run_config, "--checkpoint.every=0", "--checkpoint.export_hf=false",
+                     "--train.steps=50", "--data.max_examples=200", nproc=2)
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        if (out_dir / "metrics.jsonl").is_file() and max(losses(out_dir), default=0) >= 2:
+            process.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.05)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0 and "Traceback" not in err, err[-3000:]
+    assert "stop requested: saving a checkpoint" in out
+    assert len(list(out_dir.glob("step_*"))) == 1 and not (out_dir / "run.lock").exists()
+
+
+@pytest.mark.distributed
+def test_a_rank_killed_is_named_in_one_line(run_config, tmp_path):
+    """A rank that dies without a word (SIGKILL, as the out-of-memory killer sends) is named by
+    the launcher; the rank that loses it says so in one line, no traceback."""
+    out_dir = tmp_path / "run"
+    process = launch(run_config, "--checkpoint.every=0", "--checkpoint.export_hf=false",
+                     "--train.steps=50", "--data.max_examples=200", nproc=2)
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        if (out_dir / "metrics.jsonl").is_file() and max(losses(out_dir), default=0) >= 2:
+            ranks = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True,
+                                   text=True).stdout.split()
+            os.kill(int(ranks[-1]), signal.SIGKILL)  # the last one started: rank 1
+            break
+        time.sleep(0.05)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGKILL and "Traceback" not in err, err[-3000:]
+    errors = [line for line in error_lines(err) if "error: " in line]
+    assert errors[-1].startswith("error: rank 1 was killed by SIGKILL"), err[-3000:]
+    assert all(line.startswith("[rank 0] error: lost another rank") for line in errors[:-1])
 
 
 @pytest.mark.distributed

@@ -109,7 +109,7 @@ def test_readme_documents_every_key():
 
 
 @pytest.mark.parametrize("override, message", [
-    (["--optim.lr=nan"], r"run.toml: optim.lr must be a finite number, got nan"),
+    (["--optim.lr=nan"], r"--optim.lr=nan: optim.lr must be a finite number, got nan"),
     (["--optim.lr=inf"], r"optim.lr must be a finite number, got inf"),
     (["--optim.weight_decay=-inf"], r"optim.weight_decay must be a finite number, got -inf"),
     (["--optim.eps=nan"], r"optim.eps must be a finite number, got nan"),
@@ -144,9 +144,9 @@ def test_adam_betas_range(tmp_path, override, message):
 
 
 @pytest.mark.parametrize("override, message", [
-    (["--train.output_dir="], r"run.toml: train.output_dir is empty; set the run folder"),
+    (["--train.output_dir="], r"--train.output_dir=: train.output_dir is empty; set the run"),
     (['--train.output_dir="  "'], r"train.output_dir is empty"),
-    (["--data.path="], r"run.toml: data.path is required"),
+    (["--data.path="], r"--data.path=: data.path is required"),
 ])
 def test_empty_required_paths_are_refused(tmp_path, override, message):
     with pytest.raises(ValueError, match=message):
@@ -184,3 +184,38 @@ def test_trl_option_refusals_are_one_line(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message) as error:
         load_config(write(tmp_path), overrides)
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("override, message", [
+    # Before: each of these named run.toml, where the key is not.
+    (["--train.stepz=3"], r"^--train.stepz=3: unknown key train.stepz;"),
+    (["--trian.steps=3"], r"^--trian.steps=3: unknown section \[trian\];"),
+    (["--train.steps=abc"], r"^--train.steps=abc: train.steps = 'abc' should be an integer"),
+    (["--train.log_every=0"], r"^--train.log_every=0: train.log_every must be >= 1"),
+    (["--train.steps=5", "--reference.mode=none"],
+     r"^--reference.mode=none: reference.mode = 'none' but loss.type"),
+])
+def test_errors_of_overrides_name_the_override(tmp_path, override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(write(tmp_path), override)
+
+
+def test_errors_of_the_file_still_name_the_file(tmp_path):
+    with pytest.raises(ValueError, match=r"^\S*run.toml: train.steps must be >= 1"):
+        load_config(write(tmp_path, MINIMAL + "[train]\nsteps = 0\n"), ["--train.seed=3"])
+
+
+@pytest.mark.parametrize("key", ["train.seed", "model.init_seed", "lora.init_seed"])
+def test_negative_seeds_name_the_key(tmp_path, key):
+    """Before: `--train.seed=-1` failed deep in numpy with 'expected non-negative integer'."""
+    with pytest.raises(ValueError, match=rf"^--{key}=-1: {key} = -1; expected an integer from 0"):
+        load_config(write(tmp_path), [f"--{key}=-1"])
+
+
+@pytest.mark.parametrize("value, expected", [("true", True), ("false", False),
+                                             ('"force"', "force")])
+def test_checkpoint_resume_takes_force(tmp_path, value, expected):
+    assert load_config(write(tmp_path), [f"--checkpoint.resume={value}"]).checkpoint.resume \
+        == expected
+    with pytest.raises(ValueError, match="expected true, false or 'force'"):
+        load_config(write(tmp_path), ["--checkpoint.resume=always"])

@@ -342,7 +342,7 @@ def test_matches_trl(option, trl_model_runs):
 
 def test_every_trl_loss_type_and_option_has_a_case():
     """The ids name every loss type TRL's `_compute_loss` knows (read from its code) and every
-    option of the issue."""
+    option TRL documents for DPO (f-divergences, LD-DPO, WPO, TR-DPO)."""
     source = inspect.getsource(DPOTrainer._compute_loss)
     assert set(re.findall(r'loss_type == "(\w+)"', source)) == set(TRL_LOSS_TYPES)
     ids = {*LOSS_CASES, *MODEL_CASES}
