@@ -21,21 +21,24 @@ do not change the cost, so there is no scoring pass.
 Timing: every layout makes one pass over the same examples, each once (pairs and non-padding
 tokens checked against the examples), after `--warmup-steps` untimed steps of its own (compiled
 unpacked layouts: also one micro-batch of each extreme shape, so the compiler's switch to
-dynamic shapes happens there). `--rounds` R interleave the layouts: round r times each layout's
-pass in turn, so a drift of the machine's speed touches every layout alike; each ratio of
-pairs/s is computed within each round and reported as its median and range over the rounds.
-The layouts, and the profiles, share one model and optimizer (the weights move a little with
+dynamic shapes happens there); a step is timed from the request for its batches to the end of
+its update. `--rounds` R > 1 (the CPU's default) repeat the passes, and within a round the
+layouts' passes advance in turn a step at a time, so that a slow spell of the machine (another
+process) lands on every layout alike; each ratio of pairs/s is computed within each round and
+reported as its median and range over the rounds. One round (CUDA's default) runs the passes
+one after another, each warmed up just before it and written out as soon as it is done. The
+layouts, and the profiles, share one model and optimizer (the weights move a little with
 every step, which does not change the cost) and dynamo's cache: packed layouts of equal shapes
-compile once. The JSON (`--json`) is rewritten after every pass, so a run cut short keeps what
-it measured.
+compile once. The JSON (`--json`) is rewritten after every pass (every round when interleaved),
+so a run cut short keeps what it measured.
 
 Reported per layout (the median pass): pairs/s, non-padding tokens/s, padding, useful FLOP/s
 (`Training.step_flops`: the layers per token, the attention pairs the mask allows, the head
 per completion token; x3 for forward and backward, +1 forward for a live reference); on CUDA
 MFU (over the GPU's bf16 peak), on the CPU the share of a float32 GEMM's FLOP/s measured at
 the start of every round on the same threads (`measure.gemm_peak_flops`); peak memory (CUDA:
-allocated; CPU: resident, reset before each pass); time blocked on the loader; graphs compiled
-after warm-up (0: no recompilation). Also the token-ratio ceiling of the data (paired /
+allocated; CPU: resident; per pass, or per round when the passes are interleaved); time
+blocked on the loader; graphs compiled after warm-up (0: no recompilation). Also the token-ratio ceiling of the data (paired /
 shared tokens). Absolute figures mean something only on a GPU; the ratios are what to compare.
 
 Data: real preference files with a tokenizer (`--data ... --tokenizer ...`), or a synthetic
@@ -59,12 +62,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import logging
 import math
 import statistics
+import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -146,10 +151,12 @@ PAPER_SPEEDUPS = {
 
 QUICK = dict(model="tiny", dataset="hh-rlhf", pairs=32, tokens_per_micro_batch=2048,
              warmup_steps=1, device="cpu", rounds=2)
-# Default sizes: on the CPU every profile holds about CPU_PAIRED_TOKENS tokens in the paired
-# layout, so that a pass lasts seconds and CPU_ROUNDS interleaved rounds keep each ratio's
-# range within a few percent on a quiet machine; on CUDA one round of GPU_PAIRS pairs.
-CPU_PAIRED_TOKENS, CPU_ROUNDS, GPU_PAIRS = 16_000, 5, 2048
+# Default sizes. On the CPU, CPU_ROUNDS interleaved rounds, and as many pairs of a profile as
+# hold CPU_TOKENS_TIMES_LENGTH / (its median length) tokens in the paired layout: 129k for
+# HH-RLHF, 21k for Capybara, whose tokens cost more (longer attention). Measured on 2 cores,
+# HH-RLHF's passes then last about 10 s and its ratios stay within 5% over the rounds (within
+# 10% at a quarter of that). On CUDA one round of GPU_PAIRS pairs.
+CPU_TOKENS_TIMES_LENGTH, CPU_ROUNDS, GPU_PAIRS = 24_000_000, 5, 2048
 
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
@@ -283,38 +290,40 @@ class LayoutRun:
         for batches in steps:
             self.step(batches)
 
-    def timed_pass(self) -> dict[str, Any]:
-        """One pass over every example: seconds, counts, FLOPs, waits, memory, compilations."""
+    def timed_pass(self) -> Iterator[None]:
+        """One pass over every example, a step at a time: a generator, so that the caller can
+        interleave the layouts' passes step by step. Each step is timed from the request for
+        its batches to the end of its update; the figures are added to `passes` at the end."""
         device = self.training.env.device
-        memory = PeakMemory(device)
-        memory.reset()
-        before = compile_counts()
         figures = dict(pairs=0, tokens=0, row_tokens=0, micro_batches=0, flops=0.0,
-                       data_wait_s=0.0, max_data_wait_s=0.0)
+                       seconds=0.0, data_wait_s=0.0, max_data_wait_s=0.0, graphs_compiled=0,
+                       graph_breaks=0)
         losses = []
         num_steps = self.loader.steps_in_epoch(0)
         self.loader.epoch = self.loader.step = 0  # every pass: the same plan, epoch 0's
         batches_iter = iter(self.loader)
-        next_batches = next(batches_iter)  # not a wait a running loop would see
-        start = clock(device)
+        batches = next(batches_iter)  # not a wait a running loop would see
         for index in range(num_steps):
+            before = compile_counts()
+            start = clock(device)
             if index:
-                waited = -clock(torch.device("cpu"))
-                next_batches = next(batches_iter)
-                waited += clock(torch.device("cpu"))
+                batches = next(batches_iter)
+                waited = time.perf_counter() - start
                 figures["data_wait_s"] += waited
                 figures["max_data_wait_s"] = max(figures["max_data_wait_s"], waited)
-            batches = next_batches
             result = self.step(batches)
+            figures["seconds"] += clock(device) - start
+            after = compile_counts()
+            figures["graphs_compiled"] += after["graphs"] - before["graphs"]
+            figures["graph_breaks"] += after["graph_breaks"] - before["graph_breaks"]
             losses.append(result.loss)
             figures["pairs"] += result.num_pairs
             figures["tokens"] += result.num_tokens
             figures["micro_batches"] += len(batches)
             figures["row_tokens"] += sum(b.input_ids.numel() for b in batches)
             figures["flops"] += self.training.step_flops(batches)
-        seconds = clock(device) - start
+            yield
         batches_iter.close()
-        after = compile_counts()
         expected_tokens = sum(e.num_shared_tokens if is_shared(self.layout)
                               else e.num_paired_tokens for e in self.examples)
         expected_pairs = Numbering(self.examples).num_pairs
@@ -322,12 +331,8 @@ class LayoutRun:
             raise RuntimeError(f"{self.layout}: processed {figures['pairs']} pairs and "
                                f"{figures['tokens']} tokens, expected {expected_pairs} and "
                                f"{expected_tokens}")
-        figures.update(steps=num_steps, seconds=seconds, peak_memory_gib=memory.gib(),
-                       graphs_compiled=after["graphs"] - before["graphs"],
-                       graph_breaks=after["graph_breaks"] - before["graph_breaks"],
-                       mean_loss=float(np.mean(losses)))
+        figures.update(steps=num_steps, mean_loss=float(np.mean(losses)))
         self.passes.append(figures)
-        return figures
 
     def summary(self, gemm_flops: float | None) -> dict[str, Any]:
         """The median pass's figures (by seconds), with every pass's seconds."""
@@ -403,8 +408,10 @@ def measure_dataset(args: argparse.Namespace, env: Distributed, profile: str | N
         data_name = ", ".join(args.data)
     else:
         config = model_config(args.model, args.num_layers, None)
-        if args.paired_tokens:
-            examples = synthetic_examples_for_tokens(profile, args.paired_tokens,
+        paired_tokens = args.paired_tokens or (
+            CPU_TOKENS_TIMES_LENGTH // PROFILES[profile][0] if args.pairs is None else 0)
+        if paired_tokens:
+            examples = synthetic_examples_for_tokens(profile, paired_tokens,
                                                      config.vocab_size, args.spread, args.seed)
         else:
             examples = synthetic_examples(profile, args.pairs, config.vocab_size, args.spread,
@@ -472,21 +479,38 @@ def measure_dataset(args: argparse.Namespace, env: Distributed, profile: str | N
         for r in range(args.rounds):
             if not cuda:
                 gemm.append(gemm_peak_flops())
-            for layout, run in runs.items():
-                if layout in failures:
-                    continue
-                try:
-                    if r == 0:
-                        run.warm_up()
-                    figures = run.timed_pass()
-                except Exception as e:  # noqa: BLE001 - reported, the other layouts still run
-                    traceback.print_exc()
-                    failures[layout] = f"{type(e).__name__}: {e}"
-                    print(f"  {layout}: FAILED ({failures[layout]})", flush=True)
-                    continue
-                print(f"  round {r + 1}/{args.rounds} {layout}: {figures['seconds']:.2f} s, "
-                      f"{figures['pairs'] / figures['seconds']:.4g} pairs/s", flush=True)
+            sequential = args.rounds == 1
+            if r == 0 and not sequential:
+                for layout, run in runs.items():
+                    attempt(layout, failures, run.warm_up)
+            active = {k: run.timed_pass() for k, run in runs.items() if k not in failures}
+            memory = PeakMemory(env.device)
+            if sequential:  # one pass after another, each warmed up before, published after
+                for layout, steps in active.items():
+                    if not attempt(layout, failures, runs[layout].warm_up):
+                        continue
+                    memory.reset()
+                    while not advance(layout, failures, steps):
+                        pass
+                    if layout not in failures:
+                        runs[layout].passes[-1]["peak_memory_gib"] = memory.gib()
+                        publish(report())
+            else:  # the passes interleaved step by step, so a slow spell hits them alike
+                memory.reset()
+                running = dict(active)
+                while running:
+                    for layout in list(running):
+                        if advance(layout, failures, running[layout]):
+                            del running[layout]
+                for layout in active:
+                    if layout not in failures:
+                        runs[layout].passes[-1]["peak_memory_gib"] = memory.gib()
                 publish(report())
+            for layout in active:
+                if layout not in failures:
+                    figures = runs[layout].passes[-1]
+                    print(f"  round {r + 1}/{args.rounds} {layout}: {figures['seconds']:.2f} s, "
+                          f"{figures['pairs'] / figures['seconds']:.4g} pairs/s", flush=True)
     result = report()
     print()
     print(format_table(result["layouts"], cuda))
@@ -504,6 +528,26 @@ def measure_dataset(args: argparse.Namespace, env: Distributed, profile: str | N
                 result["layouts"][layout]["profile"] = table = run.profile()
                 print(f"\n--- profile of one {layout} step ---\n{table}")
     return result
+
+
+def attempt(layout: str, failures: dict[str, str], work: Callable[[], Any]) -> bool:
+    """Run `work` for a layout; whether it ran. A failure is recorded and printed: the other
+    layouts still run."""
+    try:
+        work()
+        return True
+    except Exception as e:  # noqa: BLE001 - reported, the other layouts still run
+        traceback.print_exc()
+        failures[layout] = f"{type(e).__name__}: {e}"
+        print(f"  {layout}: FAILED ({failures[layout]})", flush=True)
+        return False
+
+
+def advance(layout: str, failures: dict[str, str], steps: Iterator[None]) -> bool:
+    """One more step of a layout's pass; whether the pass is over (done, or failed)."""
+    more: list[None] = []
+    return not attempt(layout, failures, lambda: more.extend(itertools.islice(steps, 1))) \
+        or not more
 
 
 def build_dataset_training(args: argparse.Namespace, env: Distributed, config: ModelConfig
@@ -620,8 +664,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--pairs", type=int, help="use the first N examples (default: all of "
                    f"--data; synthetic: {GPU_PAIRS} on CUDA)")
     p.add_argument("--paired-tokens", type=int, help="synthetic: as many pairs as hold about "
-                   f"this many tokens in the paired layout (default on CPU {CPU_PAIRED_TOKENS}; "
-                   "--pairs still caps them)")
+                   "this many tokens in the paired layout (default on CPU "
+                   f"{CPU_TOKENS_TIMES_LENGTH:,} / the profile's median length; --pairs still "
+                   "caps them)")
     p.add_argument("--spread", type=float, default=0.5, help="lognormal sigma of synthetic "
                    "lengths")
     p.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated, measured in "
@@ -695,11 +740,8 @@ def resolve_defaults(args: argparse.Namespace, cuda: bool) -> None:
     if args.rounds is None:
         args.rounds = 1 if cuda else CPU_ROUNDS
     args.compile = cuda if args.compile is None else (args.compile and cuda)
-    if args.pairs is None and not args.data and not args.paired_tokens:
-        if cuda:
-            args.pairs = GPU_PAIRS
-        else:
-            args.paired_tokens = CPU_PAIRED_TOKENS
+    if cuda and args.pairs is None and not args.data and not args.paired_tokens:
+        args.pairs = GPU_PAIRS
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
