@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from measure import clock, synchronize
+from measure import clock, environment, synchronize
 from torch import Tensor
 
 from prefixdpo.kernels.log_probs import (DEFAULT_CHUNK_SIZE, linear_log_probs,
@@ -346,11 +346,10 @@ def main() -> None:
         tokens = 1024 if args.quick else 4096
         part2_sizes = [(tokens, 32000, 256), (tokens, 128256, 256)]
     part2_dtype = "bfloat16" if cuda else "float32"
-    device_name = torch.cuda.get_device_name() if cuda else "CPU"
-    print(f"device: {device_name}, torch {torch.__version__}, threads {torch.get_num_threads()}")
-    report: dict = {"device": device_name, "torch": torch.__version__,
-                    "cuda": torch.version.cuda, "sizes": "tiny" if args.tiny else
-                    "quick" if args.quick else "full", "warmup": warmup, "repeats": repeats}
+    info = environment(torch.device(args.device))
+    print(f"device: {info['device']}, torch {torch.__version__}, threads {info['torch_threads']}")
+    report: dict = {**info, "sizes": "tiny" if args.tiny else "quick" if args.quick else "full",
+                    "warmup": warmup, "repeats": repeats}
 
     rows = []
     print(f"\nPart 1: sigmoid DPO from four logits tensors {part1_shape} float32")

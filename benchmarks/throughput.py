@@ -3,59 +3,22 @@
     python benchmarks/throughput.py [--quick] [--model tiny|llama-3.2-1b|llama-3.1-8b|
         mistral-7b|CONFIG.json] [--dataset hh-rlhf|capybara|...[,...]|all
         | --data FILE... --tokenizer DIR] [--layouts paired,paired+packed,shared,shared+packed]
-        [--pairs N] [--paired-tokens N] [--tokens-per-micro-batch T] [--packing-length auto|L]
-        [--rounds R] [--reference precomputed|live] [--activation-checkpointing]
-        [--compile-mode default|max-autotune-no-cudagraphs] [--block-size B]
-        [--flex-backend triton|flash] [--json OUT] [--profile]
+        [--pairs N] [--paired-tokens N] [--rounds R] [--json OUT] ... (--help: all options)
 
-What runs is the trainer's: one model, reference and optimizer from `train.setup.
-build_training` (on CUDA FSDP2 over one rank, bfloat16 mixed precision, compiled layers,
-FlexAttention; on the CPU float32 and the documents executor), each step `Training.step`
-(forward and backward, the reference, clipping, AdamW), the batches from the trainer's loader
-with a token budget per micro-batch (`PreferenceLoader.with_token_budget`: packed layouts
-budget // packing_length rows of one packing length, so paired+packed and shared+packed
-compile the same shapes; unpacked layouts as many whole examples as fit once padded), built in
-its background thread as in training. A precomputed reference is a stand-in table: its values
-do not change the cost, so there is no scoring pass.
-
-Timing: every layout makes one pass over the same examples, each once (pairs and non-padding
-tokens checked against the examples), after `--warmup-steps` untimed steps of its own (compiled
-unpacked layouts: also one micro-batch of each extreme shape, so the compiler's switch to
-dynamic shapes happens there); a step is timed from the request for its batches to the end of
-its update. `--rounds` R > 1 (the CPU's default) repeat the passes, and within a round the
-layouts' passes advance in turn a step at a time, so that a slow spell of the machine (another
-process) lands on every layout alike; each ratio of pairs/s is computed within each round and
-reported as its median and range over the rounds. One round (CUDA's default) runs the passes
-one after another, each warmed up just before it and written out as soon as it is done. The
-layouts, and the profiles, share one model and optimizer (the weights move a little with
-every step, which does not change the cost) and dynamo's cache: packed layouts of equal shapes
-compile once. The JSON (`--json`) is rewritten after every pass (every round when interleaved),
-so a run cut short keeps what it measured.
-
-Reported per layout (the median pass): pairs/s, non-padding tokens/s, padding, useful FLOP/s
-(`Training.step_flops`: the layers per token, the attention pairs the mask allows, the head
-per completion token; x3 for forward and backward, +1 forward for a live reference); on CUDA
-MFU (over the GPU's bf16 peak), on the CPU the share of a float32 GEMM's FLOP/s measured at
-the start of every round on the same threads (`measure.gemm_peak_flops`); peak memory (CUDA:
-allocated; CPU: resident; per pass, or per round when the passes are interleaved); time
-blocked on the loader; graphs compiled after warm-up (0: no recompilation). Also the token-ratio ceiling of the data (paired /
-shared tokens). Absolute figures mean something only on a GPU; the ratios are what to compare.
-
-Data: real preference files with a tokenizer (`--data ... --tokenizer ...`), or a synthetic
-profile with the median total length (prompt + chosen) and the prompt/completion ratio of one
-of the six datasets of Wang & Hegde (2024), Table 1: prompt, chosen and rejected lengths drawn
-from lognormals (sigma `--spread`) scaled so that the median of prompt + chosen is exactly the
-profile's, clipped to 4x their medians; token ids uniform. `--dataset` takes several profiles
-(or `all`), measured in turn, then summarized beside the paper's speed-ups; `--paired-tokens N`
-draws as many pairs as hold about N tokens in the paired layout. `--packing-length auto` is
-the trainer's rule on the paired lengths (nothing is cut); all layouts are first fitted once,
-in paired+packed (the stricter), so no layout cuts what another does not.
-
-Speed knobs (each compared by running the same command with and without it):
-`--activation-checkpointing`; `--compile-mode max-autotune-no-cudagraphs` (that mode's inductor
-options for everything compiled in the steps); `--block-size B` (FlexAttention's BlockMask
-block, a power of two from 16 to 128, with kernel tiles that divide it); `--flex-backend
-flash`. `--profile` prints a torch.profiler table of one extra step per layout.
+What runs is the trainer's: the model, reference and optimizer of `train.setup.build_training`
+(on CUDA FSDP2, bf16 mixed precision, compiled layers, FlexAttention; on the CPU float32 and
+the documents executor), `Training.step` for each step, batches from the trainer's loader
+with a token budget per micro-batch (`PreferenceLoader.with_token_budget`), built in its
+background thread. A precomputed reference is a stand-in table: its values do not change the
+cost. Every layout makes one timed pass over the same examples per round (pairs and tokens
+checked); with several rounds (the CPU's default) the layouts' passes advance in turn a step
+at a time, so a slow spell of the machine lands on every layout alike, and each ratio is
+reported as its median and range over the rounds. With one round (CUDA's) the passes run one
+after another, each written out as soon as it is done. The layouts and the profiles share one
+model and dynamo's cache. The CPU's useful FLOP/s are given as a share of a float32 GEMM it
+measures in every round on the same threads. Synthetic data follows one of the six length
+profiles of Wang & Hegde (2024), Table 1. The presets are the config.json files in
+benchmarks/models/. BENCHMARKS.md says what each figure means and how to read it.
 """
 
 from __future__ import annotations
@@ -110,33 +73,9 @@ PROFILES = {
     "ultrafeedback": (409, 0.42),
 }
 
-_LLAMA = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
-              rms_norm_eps=1e-5, initializer_range=0.02)
-_LLAMA3_ROPE = dict(rope_type="llama3", low_freq_factor=1.0, high_freq_factor=4.0,
-                    original_max_position_embeddings=8192)
-# Architecture fields of the real models (their config.json), so no file is needed.
-PRESETS: dict[str, dict[str, Any]] = {
-    # CPU-sized; takes the tokenizer's vocabulary when real data is given.
-    "tiny": dict(_LLAMA, vocab_size=4096, hidden_size=128, intermediate_size=384,
-                 num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                 rope_theta=10000.0, tie_word_embeddings=True, max_position_embeddings=8192),
-    "llama-3.2-1b": dict(_LLAMA, vocab_size=128256, hidden_size=2048, intermediate_size=8192,
-                         num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-                         head_dim=64, rope_theta=500000.0, tie_word_embeddings=True,
-                         rope_scaling=dict(_LLAMA3_ROPE, factor=32.0),
-                         max_position_embeddings=131072),
-    "llama-3.1-8b": dict(_LLAMA, vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                         head_dim=128, rope_theta=500000.0, tie_word_embeddings=False,
-                         rope_scaling=dict(_LLAMA3_ROPE, factor=8.0),
-                         max_position_embeddings=131072),
-    "mistral-7b": dict(architectures=["MistralForCausalLM"], model_type="mistral",
-                       hidden_act="silu", rms_norm_eps=1e-5, initializer_range=0.02,
-                       vocab_size=32000, hidden_size=4096, intermediate_size=14336,
-                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                       head_dim=128, rope_theta=10000.0, sliding_window=4096,
-                       tie_word_embeddings=False, max_position_embeddings=32768),
-}
+# Presets: the architecture fields of real models (and a CPU-sized "tiny"), as config.json.
+MODELS = Path(__file__).resolve().parent / "models"
+PRESETS = sorted(path.stem for path in MODELS.glob("*.json"))
 
 # Speed-ups of prefix sharing over unshared FlexAttention reported by Wang & Hegde (2024),
 # without and with packing, for comparison in the summary of several profiles.
@@ -165,16 +104,14 @@ COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
 
 def model_config(name: str, num_layers: int | None, tokenizer_vocab: int | None) -> ModelConfig:
-    if name in PRESETS:
-        fields = dict(PRESETS[name])
-        if name == "tiny" and tokenizer_vocab:
-            fields["vocab_size"] = tokenizer_vocab
-        config = ModelConfig.from_hf_dict(fields, source=f"preset {name}")
-    elif Path(name).exists():
-        config = ModelConfig.from_file(name)
-    else:
+    """A preset or a config.json; "tiny" takes the tokenizer's vocabulary when one is given."""
+    path = MODELS / f"{name}.json" if name in PRESETS else Path(name)
+    if not path.exists():
         raise ValueError(f"--model {name!r}: neither a preset ({', '.join(PRESETS)}) nor a "
                          "config.json file or folder")
+    config = ModelConfig.from_file(path)
+    if name == "tiny" and tokenizer_vocab:
+        config = dataclasses.replace(config, vocab_size=tokenizer_vocab)
     if num_layers:
         config = dataclasses.replace(config, num_hidden_layers=num_layers)
     return config
