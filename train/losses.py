@@ -48,6 +48,10 @@ Losses that use batch statistics, and therefore depend on which pairs share a mi
 in TRL): `aot` and `aot_unpaired` sort log-ratios across the micro-batch (per-pair entries are
 then per sorted rank, not per input pair: only their sum is meaningful); `bco_pair` with
 `bco_running_mean` shifts rewards by a running mean of per-micro-batch mean rewards.
+
+(Over the usual ~500 lines: every loss type is a few lines of one formula in the notation
+above, and they share the options, the metrics and the list of departures from TRL, so one
+file reads as the one table of what each `loss.type` computes.)
 """
 
 from __future__ import annotations
