@@ -12,6 +12,7 @@ the project, so a broken part is reported instead of ending the suite.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -74,12 +75,11 @@ DRY_RUN_PLAN = dataclasses.replace(
     GPU_PLAN, device="cpu", model="", profile_model="", hh_pairs=4, packing_length="auto",
     profile_paired_tokens=2500, loss_size="--tiny", test_processes=1, budget=600,
     caps={"tests": 90, "throughput-hh": 90, "throughput-profiles": 90, "loss": 60, "knobs": 60})
-DRY_RUN_MODEL = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
-                 "vocab_size": 32000, "hidden_size": 32, "intermediate_size": 64,
-                 "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
-                 "head_dim": 16, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-                 "tie_word_embeddings": True, "max_position_embeddings": 8192,
-                 "bos_token_id": 1, "eos_token_id": 2}
+DRY_RUN_MODEL = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=32000,
+                     hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                     num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                     rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True,
+                     max_position_embeddings=8192, bos_token_id=1, eos_token_id=2)
 # Synthetic token ids need no tokenizer's vocabulary: a small head keeps the dry run short.
 DRY_RUN_PROFILE_MODEL = {**DRY_RUN_MODEL, "vocab_size": 1024}
 
@@ -163,7 +163,8 @@ class Runner:
                 "log": f"logs/{self.count:02d}-{slug(name)}.log", "seconds": 0.0,
                 "cpu_s": None, "limit_s": None, "note": ""}
 
-    def launch(self, record: dict[str, Any], argv: list[str], limit: float):
+    def launch(self, record: dict[str, Any], argv: list[str], limit: float
+               ) -> tuple[Any, subprocess.Popen]:
         record["limit_s"] = round(limit)
         self.say(f"{record['name']}: started (limit {limit:.0f} s)\n    {record['command']}")
         log = open(self.out / record["log"], "w")
@@ -180,14 +181,11 @@ def children_cpu_seconds() -> float:
 def stop_group(process: subprocess.Popen) -> None:
     """SIGTERM the command's process group (workers, torchrun's children), then SIGKILL."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
+        with contextlib.suppress(ProcessLookupError):  # the group is gone already
             os.killpg(process.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=10)
             return
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def display(argv: list[str]) -> str:
@@ -312,15 +310,6 @@ class Suite:
     def hh_throughput(self, layouts: tuple[str, ...], *flags: str) -> list[str]:
         return self.throughput("--data", HH_DATA, "--tokenizer", TOKENIZER, "--pairs",
                                str(self.plan.hh_pairs), "--layouts", ",".join(layouts), *flags)
-
-
-def part_preflight(s: Suite) -> dict[str, Any]:
-    path = s.out / "json" / "preflight.json"
-    argv = [sys.executable, str(Path(__file__).resolve()), "--preflight", str(path)]
-    record = s.runner.run("preflight", argv, 60, minimum=1)
-    found = read_json(path) or {}
-    s.report["preflight"] = {**found, "command": record}
-    return found
 
 
 def gpu_test_groups(processes: int) -> list[list[str]]:
@@ -526,14 +515,11 @@ def table(columns: str, rows: list[list[Any]]) -> list[str]:
 
 
 def status_text(command: dict[str, Any]) -> str:
-    if command["status"] == "skipped":
-        return f"skipped ({command['note']})"
-    text = f"{command['status']} in {command['seconds']:.0f} s"
-    if command["status"] == "failed":
-        text += f" (exit {command['returncode']})"
-    if command["status"] == "timeout":
-        text += f" ({command['note']})"
-    return text
+    status, note = command["status"], command["note"]
+    if status == "skipped":
+        return f"skipped ({note})"
+    why = {"failed": f" (exit {command['returncode']})", "timeout": f" ({note})"}.get(status, "")
+    return f"{status} in {command['seconds']:.0f} s{why}"
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -698,6 +684,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def run_preflight(s: Suite, parts: list[str], budget: float) -> dict[str, Any]:
+    """The preflight in a process of its own, then the knobs it keeps and the plan's lines."""
+    path = s.out / "json" / "preflight.json"
+    record = s.runner.run("preflight", [sys.executable, str(Path(__file__).resolve()),
+                                        "--preflight", str(path)], 60, minimum=1)
+    preflight = read_json(path) or {}
+    s.report["preflight"] = {**preflight, "command": record}
+    s.knobs = kept_knobs(preflight, s.plan, parts, budget)
+    s.report["suite"]["plan_lines"] = plan_lines(s.plan, parts, len(s.knobs), budget)
+    s.runner.say("preflight: " + ", ".join(f"{k} {v}" for k, v in preflight.items()
+                                            if not k.endswith("_reason")))
+    print("\n".join(s.report["suite"]["plan_lines"]), flush=True)
+    s.write()
+    return preflight
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.preflight:
@@ -721,13 +723,7 @@ def main(argv: list[str] | None = None) -> int:
     s = Suite(plan, out, Runner(out, time.monotonic() + budget, env, args.out), report)
     s.runner.say(f"GPU suite{' (dry run on the CPU)' if args.dry_run else ''}: commit "
                  f"{report['environment']['commit']}, budget {budget:.0f} s; writing {out}")
-    preflight = part_preflight(s)
-    s.knobs = kept_knobs(preflight, plan, args.parts, budget)
-    report["suite"]["plan_lines"] = plan_lines(plan, args.parts, len(s.knobs), budget)
-    s.runner.say("preflight: " + ", ".join(f"{k} {v}" for k, v in preflight.items()
-                                            if not k.endswith("_reason")))
-    print("\n".join(report["suite"]["plan_lines"]), flush=True)
-    s.write()
+    preflight = run_preflight(s, args.parts, budget)
     if args.plan:
         return 0
     if preflight.get("prefixdpo_error"):
