@@ -29,7 +29,18 @@ import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 from typing import Any
 
-from measure import ROOT, git
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def git(*args: str) -> str:
+    """Git's output here, "" without git. (Not `measure.git`: this process never imports torch,
+    so a torch that fails to import is the preflight's finding, not the suite's traceback.)"""
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
+                              cwd=ROOT).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
 
 HH_DATA = "assets/data/hh-rlhf-helpful-base-test-1000.jsonl.gz"
 TOKENIZER = "assets/tokenizers/mistral-7b-v0.1"
