@@ -7,7 +7,7 @@
 Needs TRL, an optional extra: `pip install -e ".[bench]"`. Both trainers run one after the other
 on this machine's CPU in float32: prefixdpo as `train.py` in a subprocess, TRL in this process on
 the same training and held-out pairs (as the trainer resolves them) with the same settings. How
-each is set up and timed, and what still differs: BENCHMARKS.md, "A real model learns"; the
+each is set up and timed, and what still differs: BENCHMARKS.md, "A whole run against TRL"; the
 differences are also printed before the table. `--tiny` (CI): a 2-layer random model with a
 byte-level tokenizer trained on the first rows (vs_trl.py's), 12 pairs, 2 steps.
 """

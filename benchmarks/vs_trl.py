@@ -331,10 +331,6 @@ def optimizer_settings(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
 # ---- the contenders, each in its own process -----------------------------------------------
 
 
-def compute_dtype(device: str) -> str:
-    return "bfloat16" if device == "cuda" else "float32"
-
-
 def worker(role: str, spec: dict[str, Any], connection, log_path: str) -> None:
     """A contender's process: what it prints goes to its log, its figures to the driver."""
     log = open(log_path, "w", buffering=1)
@@ -702,7 +698,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def drive(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    dtype = compute_dtype(args.device)
+    dtype = "bfloat16" if args.device == "cuda" else "float32"
     files = args.data or [str(DEFAULT_DATA)]
     if args.tiny and not args.tokenizer:
         read, _ = read_preferences(files, args.format, args.pairs)
@@ -818,6 +814,12 @@ def analyze(args, dtype, ready, rounds, env_info, spec, model_note, tokenizer_no
     B = spec["pairs_per_step"]
     failed: list[str] = []
     loss_atol, logp_rtol = LOSS_ATOL[dtype], LOGP_RTOL[dtype]
+
+    def check(what: str, value: float, tolerance: float, shown: str) -> None:
+        print(f"    {shown} {'ok' if value <= tolerance else 'FAILED'}")
+        if value > tolerance:
+            failed.append(f"{what}: {value:.2e} > {tolerance:g}")
+
     print("\nsettings:")
     for name, message in ready.items():
         print(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in message["settings"].items()))
@@ -833,11 +835,8 @@ def analyze(args, dtype, ready, rounds, env_info, spec, model_note, tokenizer_no
     print(f"  step-1 loss (policy = reference, expected ln 2 = {LN2:.6f}, tolerance "
           f"{loss_atol:g}):")
     for name, loss in step1.items():
-        ok = abs(loss - LN2) <= loss_atol
-        print(f"    {name}: {loss:.7f} (|loss - ln 2| = {abs(loss - LN2):.2e}) "
-              f"{'ok' if ok else 'FAILED'}")
-        if not ok:
-            failed.append(f"{name} step-1 loss {loss:.7f} != ln 2")
+        check(f"{name} step-1 loss", abs(loss - LN2), loss_atol,
+              f"{name}: {loss:.7f} (|loss - ln 2| = {abs(loss - LN2):.2e})")
     first_agree = agree[:B]
     logp_checks: dict[str, Any] = {}
     print(f"  first-step policy log-probs, relative difference to TRL (tolerance "
@@ -858,14 +857,11 @@ def analyze(args, dtype, ready, rounds, env_info, spec, model_note, tokenizer_no
         logp_checks[name] = {key: {"pairs": pairs, "max_rel_diff": max(values, default=None)}
                              for key, (_, values, pairs) in compared.items()}
         for label, values, pairs in compared.values():
-            if not values:
+            if values:
+                check(f"{name}: {label}", max(values), logp_rtol,
+                      f"{name}: {label}: {pairs} pairs, max {max(values):.2e}")
+            else:
                 print(f"    {name}: {label}: no pairs")
-                continue
-            ok = max(values) <= logp_rtol
-            print(f"    {name}: {label}: {pairs} pairs, max {max(values):.2e} "
-                  f"{'ok' if ok else 'FAILED'}")
-            if not ok:
-                failed.append(f"{name}: {label}: {max(values):.2e} > {logp_rtol:g}")
 
     # Not a check (AdamW's first updates amplify rounding differences), but shows that the
     # trainings stay together: every step's loss against TRL's, on the same pairs.
