@@ -352,18 +352,15 @@ def describe(config: Config, data: RunData, ours: dict | None, trl: dict | None)
 
 
 def table(results: dict[str, dict]) -> list[str]:
-    columns = [("eval acc before", 16, ".3f", lambda r: r["before"]["accuracy"]),
-               ("after", 8, ".3f", lambda r: r["after"]["accuracy"]),
-               ("eval loss before", 18, ".4f", lambda r: r["before"]["loss"]),
-               ("after", 9, ".4f", lambda r: r["after"]["loss"]),
-               ("eval pairs", 11, "", lambda r: r["eval_pairs"]),
-               ("wall s", 9, ".1f", lambda r: r["wall_s"]),
-               ("train s", 9, ".1f", lambda r: r["train_s"]),
-               ("train pairs", 12, "", lambda r: r["train_pairs"]),
-               ("pairs/s", 9, ".3f", lambda r: r["pairs_per_s"])]
-    return [f"{'':<11}" + "".join(f"{title:>{width}}" for title, width, _, _ in columns)] + [
-        f"{name:<11}" + "".join(f"{value(r):>{width}{spec}}" for _, width, spec, value in columns)
-        for name, r in results.items()]
+    lines = [f"{'':<11}{'eval acc before':>16}{'after':>8}{'eval loss before':>18}"
+             f"{'after':>9}{'eval pairs':>11}{'wall s':>9}{'train s':>9}{'train pairs':>12}"
+             f"{'pairs/s':>9}"]
+    for name, r in results.items():
+        lines.append(f"{name:<11}{r['before']['accuracy']:>16.3f}{r['after']['accuracy']:>8.3f}"
+                     f"{r['before']['loss']:>18.4f}{r['after']['loss']:>9.4f}"
+                     f"{r['eval_pairs']:>11}{r['wall_s']:>9.1f}{r['train_s']:>9.1f}"
+                     f"{r['train_pairs']:>12}{r['pairs_per_s']:>9.3f}")
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

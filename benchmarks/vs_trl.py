@@ -723,12 +723,9 @@ def drive(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                          f"{config.vocab_size}: use a tokenizer the model covers")
     num_pairs, B, k, R, W = (len(examples), args.pairs_per_step, args.steps, args.repeats,
                              args.warmup_steps)
-    spec = {"device": args.device, "data": [str(f) for f in files], "format": args.format,
-            "pairs": num_pairs, "pairs_per_step": B, "steps": k, "repeats": R,
-            "warmup_steps": W, "model": str(model_dir), "tokenizer": str(tokenizer_dir),
-            "workdir": str(workdir), "lr": args.lr, "betas": [0.9, 0.999], "eps": 1e-8,
-            "max_grad_norm": 1.0, "beta": 0.1, "seed": args.seed,
-            "packing_length": args.packing_length, "compile": args.compile}
+    spec = {**vars(args), "data": [str(f) for f in files], "pairs": num_pairs,
+            "model": str(model_dir), "tokenizer": str(tokenizer_dir), "workdir": str(workdir),
+            "betas": [0.9, 0.999], "eps": 1e-8, "max_grad_norm": 1.0, "beta": 0.1}
     paired_tokens = sum(e.num_paired_tokens for e in examples)
     shared_tokens = sum(e.num_shared_tokens for e in examples)
 
