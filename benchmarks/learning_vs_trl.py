@@ -4,32 +4,12 @@
         [--model.path=DIR --section.key=value ...] [--out DIR] [--json FILE] [--only ours|trl]
     python benchmarks/learning_vs_trl.py --config configs/smollm2-135m-hh-rlhf.toml --tiny
 
-Needs TRL, an optional extra: `pip install -e ".[bench]"`.
-
-What it measures: the held-out reward accuracy and DPO loss before the first step and after the
-last, the wall time, and the training pairs per second, of both trainers run one after the
-other on this machine (CPU, float32) with the same settings, and the ratio of their pairs/s.
-
-How:
-- The config and overrides are read as train.py reads them, and the training and held-out
-  pairs are resolved as the trainer resolves them (`train.build.load_run_data`: the same
-  tokenization, truncation, and split by `data.eval_fraction` and `train.seed`).
-- prefixdpo: `train.py` in a subprocess, with `train.output_dir=OUT/ours`,
-  `train.eval_on_start=true`, `checkpoint.export_hf=false` and a reference cache of its own
-  (so no earlier run's table is reused). Eval figures at step 0 and the last step come from
-  OUT/ours/metrics.jsonl. Its training time is the sum of the step times the trainer measures
-  (each logged window's pairs / its `pairs_per_s`, the window's pairs replayed from the
-  loader's deterministic plan and checked against `tokens_per_s`).
-- TRL: `DPOTrainer` in this process on the same rows, given as text (vs_trl.py's conversion):
-  float32 on CPU, sigmoid loss, reference log-probs precomputed, the same beta, AdamW settings,
-  lr schedule, warm-up, clipping and number of optimizer steps, ceil(train pairs / steps)
-  pairs per step without accumulation, `max_length` truncation; `trainer.evaluate()` on the
-  held-out pairs before and after `train()`. Its training time is `train_runtime`.
-- Differences that remain (batching, data order, warm-up offset, truncation, tokenization)
-  are printed before the table.
-
-`--tiny` (CI): a 2-layer random model with a byte-level tokenizer trained on the first rows
-(vs_trl.py's), 12 pairs, 2 steps, in a temporary folder.
+Needs TRL, an optional extra: `pip install -e ".[bench]"`. Both trainers run one after the other
+on this machine's CPU in float32: prefixdpo as `train.py` in a subprocess, TRL in this process on
+the same training and held-out pairs (as the trainer resolves them) with the same settings. How
+each is set up and timed, and what still differs: BENCHMARKS.md, "A whole run against TRL"; the
+differences are also printed before the table. `--tiny` (CI): a 2-layer random model with a
+byte-level tokenizer trained on the first rows (vs_trl.py's), 12 pairs, 2 steps.
 """
 
 from __future__ import annotations
@@ -38,7 +18,6 @@ import argparse
 import collections
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -49,16 +28,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-
 import torch
+from measure import ROOT
+from vs_trl import (dpo_config, exit_without_trl, first_difference, missing_packages,
+                    prepare_model, quiet_environment, read_preferences, recording_trainer,
+                    step_clock, train_tiny_tokenizer, trl_record, trl_settings)
 
-from vs_trl import (INSTALL_HINT, missing_packages, prepare_model, read_preferences,
-                    train_tiny_tokenizer, trl_record)
 from prefixdpo.data.dataset import chat_template_override
 from prefixdpo.data.example import Example
 from prefixdpo.data.formats import (IDS, TEXT, Preference, PreferenceGroup, detect_format,
-                          parse_record, rename_columns)
+                                    parse_record, rename_columns)
 from prefixdpo.data.loader import PreferenceLoader
 from prefixdpo.data.reading import read_rows
 from prefixdpo.data.tokenizer import load_tokenizer
@@ -97,13 +76,12 @@ def check_supported(config: Config, source: ModelSource) -> None:
 def source_preferences(path: str, config: Config, fmt: str,
                        indices: set[int]) -> dict[int, Preference]:
     """The parsed rows of `path` at `indices` (Example.index: position among all rows read)."""
-    data = config.data
     found: dict[int, Preference] = {}
-    for index, row in enumerate(read_rows(path, data.split)):
+    for index, row in enumerate(read_rows(path, config.data.split)):
         if index in indices and row.error is None:
-            value = rename_columns(row.value, data.columns, row.location)
+            value = rename_columns(row.value, config.data.columns, row.location)
             fmt = fmt or detect_format(value, row.location)
-            found[index] = parse_record(value, row.location, fmt, data.pairing)
+            found[index] = parse_record(value, row.location, fmt, config.data.pairing)
         if len(found) == len(indices):
             break
     return found
@@ -124,15 +102,12 @@ def trl_records(examples: Sequence[Example], preferences: dict[int, Preference],
                  for c in range(len(group.completions))]
         for chosen, rejected in example.pairs:
             (gc, cc), (gr, cr) = where[chosen], where[rejected]
-            chosen_group, rejected_group = preference.groups[gc], preference.groups[gr]
-            chosen_text = chosen_group.completions[cc]
-            rejected_text = rejected_group.completions[cr]
-            prompt = chosen_group.prompt
+            a, b = preference.groups[gc], preference.groups[gr]
+            prompt, chosen_text, rejected_text = a.prompt, a.completions[cc], b.completions[cr]
             if gc != gr:  # TRL has one prompt per pair: the common part, the rest completions
-                a, b = chosen_group.prompt, rejected_group.prompt
-                n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-                prompt, chosen_text, rejected_text = a[:n], a[n:] + chosen_text, \
-                    b[n:] + rejected_text
+                n = first_difference(a.prompt, b.prompt)
+                prompt, chosen_text, rejected_text = (a.prompt[:n], a.prompt[n:] + chosen_text,
+                                                      b.prompt[n:] + rejected_text)
                 notes["chosen and rejected prompts differ: TRL gets their common start as the "
                       "prompt, the rest as completions"] += 1
             elif example.truncated and preference.kind == TEXT:
@@ -167,18 +142,18 @@ def step_totals(config: Config, data: RunData) -> list[tuple[int, int]]:
 
 def run_ours(config_path: str, overrides: list[str], out: Path, config: Config,
              data: RunData) -> dict[str, Any]:
-    run_dir = out / "ours"
-    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, not a resumed one
+    """train.py on a fresh run folder and reference cache. Its training time is the sum of the
+    step times it measures: each logged window's pairs (replayed from the loader's plan,
+    checked against its tokens) over the window's pairs/s."""
+    run_dir, log_path = out / "ours", out / "ours.log"
+    shutil.rmtree(run_dir, ignore_errors=True)
     shutil.rmtree(out / "reference-cache", ignore_errors=True)
     run_dir.mkdir(parents=True)
-    log_path = out / "ours.log"
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     command = [sys.executable, str(ROOT / "train.py"), "--config", config_path, *overrides]
     print(f"\nprefixdpo: {' '.join(command)}\n  (log: {log_path})", flush=True)
     started = time.perf_counter()
     with open(log_path, "w") as log:
-        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
     wall = time.perf_counter() - started
     if code:
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
@@ -186,15 +161,13 @@ def run_ours(config_path: str, overrides: list[str], out: Path, config: Config,
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "eval/loss" in r]
     assert evals[0]["step"] == 0 and evals[-1]["step"] == config.train.steps, evals
-    # Training time: each logged window's pairs / its pairs_per_s (the trainer's step times).
     totals = step_totals(config, data)
     seconds, done, mismatch = 0.0, 0, 0.0
     for record in (r for r in records if "pairs_per_s" in r):
-        window = totals[done:record["step"]]
-        pairs, tokens = sum(p for p, _ in window), sum(t for _, t in window)
-        by_pairs, by_tokens = pairs / record["pairs_per_s"], tokens / record["tokens_per_s"]
-        seconds += by_pairs
-        mismatch = max(mismatch, abs(by_pairs - by_tokens) / by_tokens)
+        pairs, tokens = (sum(x) for x in zip(*totals[done:record["step"]]))
+        seconds += pairs / record["pairs_per_s"]
+        mismatch = max(mismatch, abs(pairs / record["pairs_per_s"] * record["tokens_per_s"]
+                                     / tokens - 1))
         done = record["step"]
     if done != config.train.steps or mismatch > 1e-3:
         raise SystemExit(f"metrics.jsonl does not match the replayed data plan (logged up to "
@@ -203,10 +176,8 @@ def run_ours(config_path: str, overrides: list[str], out: Path, config: Config,
     return {"wall_s": wall, "train_s": seconds, "train_pairs": sum(pairs),
             "pairs_per_s": sum(pairs) / seconds, "pairs_per_step": [min(pairs), max(pairs)],
             "eval_pairs": sum(len(e.pairs) for e in data.eval),
-            "before": {"accuracy": evals[0]["eval/rewards/accuracies"],
-                       "loss": evals[0]["eval/loss"]},
-            "after": {"accuracy": evals[-1]["eval/rewards/accuracies"],
-                      "loss": evals[-1]["eval/loss"]},
+            **{when: {"accuracy": r["eval/rewards/accuracies"], "loss": r["eval/loss"]}
+               for when, r in (("before", evals[0]), ("after", evals[-1]))},
             "log": str(log_path), "metrics": str(run_dir / "metrics.jsonl")}
 
 
@@ -224,19 +195,14 @@ def lr_scheduler(optim) -> tuple[str, dict[str, float], str]:
     return optim.schedule, {}, note
 
 
-def largest_divisor(n: int, cap: int) -> int:
-    return max(d for d in range(1, max(1, min(n, cap)) + 1) if n % d == 0)
-
-
 def run_trl(config: Config, source: ModelSource, data: RunData, out: Path) -> dict[str, Any]:
-    os.environ.setdefault("TQDM_DISABLE", "1")
+    """DPOTrainer on the same rows as text, ceil(train pairs / steps) pairs per step, evaluated
+    before and after `train()`; its training time is `train_runtime`."""
     started = time.perf_counter()
     import datasets
     import transformers
-    import trl
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.trainer_callback import PrinterCallback
-    from trl import DPOConfig, DPOTrainer
 
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
@@ -247,7 +213,7 @@ def run_trl(config: Config, source: ModelSource, data: RunData, out: Path) -> di
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     if (template := chat_template_override(d)) is not None:
         tokenizer.chat_template = template
-    ours_tokenizer = load_tokenizer(tokenizer_dir)
+    bos_id = load_tokenizer(tokenizer_dir).bos_id
 
     def decode(ids: list[int]) -> str:
         return tokenizer.decode(ids, skip_special_tokens=False,
@@ -258,58 +224,31 @@ def run_trl(config: Config, source: ModelSource, data: RunData, out: Path) -> di
                                   set() if d.eval_path else {e.index for e in data.eval}))
     eval_rows = source_preferences(d.eval_path, config, "" if d.format == "auto" else d.format,
                                    {e.index for e in data.eval}) if d.eval_path else rows
-    train_records, notes = trl_records(data.train, rows, decode, ours_tokenizer.bos_id)
-    eval_records, eval_notes = trl_records(data.eval, eval_rows, decode, ours_tokenizer.bos_id)
+    train_records, notes = trl_records(data.train, rows, decode, bos_id)
+    eval_records, eval_notes = trl_records(data.eval, eval_rows, decode, bos_id)
     batch = math.ceil(len(train_records) / t.steps)
-    eval_batch = largest_divisor(len(eval_records), batch)
+    # Held-out batches of a divisor of their count: its metrics are means of batch means.
+    eval_batch = max(n for n in range(1, min(len(eval_records), batch) + 1)
+                     if len(eval_records) % n == 0)
     scheduler, scheduler_kwargs, schedule_note = lr_scheduler(optim)
-    checkpointing = {"activation_checkpointing" if "activation_checkpointing" in
-                     DPOConfig.__dataclass_fields__ else "gradient_checkpointing":
-                     t.activation_checkpointing}
-    args = DPOConfig(
-        output_dir=str(out / "trl"), report_to="none", save_strategy="no", eval_strategy="no",
-        disable_tqdm=True, seed=t.seed, use_cpu=True, bf16=False, fp16=False,
-        per_device_train_batch_size=batch, per_device_eval_batch_size=eval_batch,
-        gradient_accumulation_steps=1, max_steps=t.steps, logging_steps=t.log_every,
-        learning_rate=optim.lr, adam_beta1=optim.betas[0], adam_beta2=optim.betas[1],
-        adam_epsilon=optim.eps, weight_decay=optim.weight_decay, optim="adamw_torch",
-        lr_scheduler_type=scheduler, lr_scheduler_kwargs=scheduler_kwargs,
-        warmup_steps=optim.warmup_steps, max_grad_norm=optim.max_grad_norm,
-        loss_type=["sigmoid"], beta=config.loss.beta, label_smoothing=config.loss.label_smoothing,
-        max_length=d.max_length or None, truncation_mode="keep_start",
-        precompute_ref_log_probs=True, dataloader_num_workers=0, **checkpointing)
-
-    class CountingDPOTrainer(DPOTrainer):
-        """Counts the pairs each training step and each evaluation sees."""
-        train_pairs: list[int] = []
-        eval_pairs = 0
-
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            self.train_pairs.append(inputs["input_ids"].shape[0] // 2)
-            return super().training_step(model, inputs, num_items_in_batch)
-
-        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-            self.eval_pairs += inputs["input_ids"].shape[0] // 2
-            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
-
-    class StepTimes(TrainerCallback):
-        def __init__(self):
-            self.start, self.seconds = 0.0, 0.0
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.seconds += time.perf_counter() - self.start
-
-    model = AutoModelForCausalLM.from_pretrained(source.checkpoint_dir, dtype=torch.float32)
-    trainer = CountingDPOTrainer(
-        model=model, args=args, processing_class=tokenizer,
+    args = dpo_config(
+        out / "trl", t.activation_checkpointing, eval_strategy="no", seed=t.seed, use_cpu=True,
+        bf16=False, per_device_train_batch_size=batch, per_device_eval_batch_size=eval_batch,
+        max_steps=t.steps, logging_steps=t.log_every, learning_rate=optim.lr,
+        adam_beta1=optim.betas[0], adam_beta2=optim.betas[1], adam_epsilon=optim.eps,
+        weight_decay=optim.weight_decay, optim="adamw_torch", lr_scheduler_type=scheduler,
+        lr_scheduler_kwargs=scheduler_kwargs, warmup_steps=optim.warmup_steps,
+        max_grad_norm=optim.max_grad_norm, beta=config.loss.beta,
+        label_smoothing=config.loss.label_smoothing, max_length=d.max_length or None,
+        truncation_mode="keep_start")
+    trainer = recording_trainer(
+        sequential=False, args=args, processing_class=tokenizer,
+        model=AutoModelForCausalLM.from_pretrained(source.checkpoint_dir, dtype=torch.float32),
         train_dataset=datasets.Dataset.from_list(train_records),
         eval_dataset=datasets.Dataset.from_list(eval_records))
     trainer.remove_callback(PrinterCallback)  # its log lines; the table reports
-    step_times = StepTimes()
-    trainer.add_callback(step_times)
+    timer = step_clock(torch.device("cpu"))
+    trainer.add_callback(timer)
 
     def evaluate() -> dict[str, float]:
         trainer.eval_pairs = 0
@@ -320,10 +259,9 @@ def run_trl(config: Config, source: ModelSource, data: RunData, out: Path) -> di
     print(f"\nTRL: evaluating, training {t.steps} steps of {batch} pairs, evaluating ...",
           flush=True)
     before = evaluate()
-    output = trainer.train()
+    train_s = trainer.train().metrics["train_runtime"]
     after = evaluate()
     wall = time.perf_counter() - started
-    train_s = output.metrics["train_runtime"]
 
     def same_ids(processed, examples: Sequence[Example]) -> int:
         ours = [(g.prompt.tolist(), g.completions[0].tolist(), g.completions[1].tolist())
@@ -332,24 +270,13 @@ def run_trl(config: Config, source: ModelSource, data: RunData, out: Path) -> di
         theirs = [(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]) for r in processed]
         return sum(a == b for a, b in zip(ours, theirs)) if len(ours) == len(theirs) else 0
 
-    settings = {name: getattr(trainer.args, name, None) for name in (
-        "per_device_train_batch_size", "per_device_eval_batch_size",
-        "gradient_accumulation_steps", "max_steps", "learning_rate", "lr_scheduler_type",
-        "lr_scheduler_kwargs", "warmup_steps", "adam_beta1", "adam_beta2", "adam_epsilon",
-        "weight_decay", "max_grad_norm", "optim", "beta", "loss_type", "label_smoothing",
-        "max_length", "truncation_mode", "precompute_ref_log_probs", "gradient_checkpointing",
-        "activation_checkpointing", "seed", "bf16", "use_cpu")}
-    settings.update(trl=trl.__version__, transformers=transformers.__version__,
-                    model_dtype=str(trainer.model.dtype),
-                    attn_implementation=getattr(trainer.model.config, "_attn_implementation", ""),
-                    torch_threads=torch.get_num_threads())
-    return {"wall_s": wall, "train_s": train_s, "step_s": step_times.seconds,
-            "train_pairs": sum(trainer.train_pairs),
-            "pairs_per_s": sum(trainer.train_pairs) / train_s,
-            "pairs_per_s_by_step_times": sum(trainer.train_pairs) / step_times.seconds,
-            "pairs_per_step": [min(trainer.train_pairs), max(trainer.train_pairs)],
+    pairs = [shape[0] // 2 for shape in trainer.shapes]
+    return {"wall_s": wall, "train_s": train_s, "step_s": sum(timer.seconds),
+            "train_pairs": sum(pairs), "pairs_per_s": sum(pairs) / train_s,
+            "pairs_per_s_by_step_times": sum(pairs) / sum(timer.seconds),
+            "pairs_per_step": [min(pairs), max(pairs)],
             "eval_pairs": after["pairs"], "eval_pairs_before": before["pairs"],
-            "before": before, "after": after, "settings": settings,
+            "before": before, "after": after, "settings": trl_settings(trainer),
             "rows_given": {"train": len(train_records), "eval": len(eval_records)},
             "rows_kept": {"train": len(trainer.train_dataset), "eval": len(trainer.eval_dataset)},
             "identical_token_ids": {"train": same_ids(trainer.train_dataset, data.train),
@@ -363,14 +290,13 @@ def make_tiny(config_path: str, user: Sequence[str], work: Path) -> list[str]:
     config = load_config(config_path, [*TINY_OVERRIDES, *user])
     read, _ = read_preferences([config.data.path], config.data.format, 40)
     tokenizer_dir = train_tiny_tokenizer([p for _, p in read], work / "tokenizer")
-    args = argparse.Namespace(model=None, tiny=True, seed=config.model.init_seed)
-    model_dir, _, note = prepare_model(args, load_tokenizer(tokenizer_dir), tokenizer_dir, work)
+    model_dir, _, note = prepare_model(None, True, config.model.init_seed,
+                                       load_tokenizer(tokenizer_dir), tokenizer_dir, work)
     print(f"tiny: {note}")
     return [*TINY_OVERRIDES, f"--model.path={model_dir}", '--data.tokenizer=""', *user]
 
 
-def describe(config: Config, data: RunData, ours: dict | None,
-             trl_result: dict | None) -> list[str]:
+def describe(config: Config, data: RunData, ours: dict | None, trl: dict | None) -> list[str]:
     d, t, o = config.data, config.train, config.optim
     lines = [
         f"model: {config.model.path}; float32 on CPU, {torch.get_num_threads()} threads",
@@ -394,35 +320,31 @@ def describe(config: Config, data: RunData, ours: dict | None,
                        f"{t.micro_batch_size} row(s) x {t.grad_accum} micro-batch(es)): "
                        f"{ours['pairs_per_step'][0]}-{ours['pairs_per_step'][1]} pairs per step, "
                        f"{ours['train_pairs']} in all")
-    if trl_result:
-        s = trl_result["settings"]
-        differs.append(f"batches: TRL {s['per_device_train_batch_size']} pairs per step "
-                       f"(ceil(train pairs / steps); the last of an epoch smaller), padded: "
-                       f"{trl_result['pairs_per_step'][0]}-{trl_result['pairs_per_step'][1]} "
-                       f"per step, {trl_result['train_pairs']} in all; held-out pairs in "
-                       f"batches of {s['per_device_eval_batch_size']} (a divisor: its metrics "
-                       "are means of batch means)")
-        differs.append(f"data order: ours shuffled by seed {t.seed} then packed; TRL's random "
-                       f"sampler, seed {t.seed}")
-        if trl_result["schedule_note"]:
-            differs.append(trl_result["schedule_note"])
-        differs.append("truncation: TRL max_length "
-                       f"{s['max_length']} keep_start (cuts completions as ours does); it has "
-                       "no max_prompt_length")
-        for note, count in trl_result["notes"].items():
-            differs.append(f"{count} pair(s): {note}")
-        same, given = trl_result["identical_token_ids"], trl_result["rows_given"]
-        differs.append(f"tokenization: TRL tokenizes the text itself; identical token ids in "
-                       f"{same['train']}/{given['train']} training and {same['eval']}/"
-                       f"{given['eval']} held-out pairs")
-        kept = trl_result["rows_kept"]
-        if kept != given:
-            differs.append(f"TRL DROPPED pairs (prompt >= max_length): kept {kept} of {given}")
+    if trl:
+        s, same, given, kept = (trl[key] for key in ("settings", "identical_token_ids",
+                                                     "rows_given", "rows_kept"))
+        differs += [
+            f"batches: TRL {s['per_device_train_batch_size']} pairs per step (ceil(train pairs "
+            f"/ steps); the last of an epoch smaller), padded: {trl['pairs_per_step'][0]}-"
+            f"{trl['pairs_per_step'][1]} per step, {trl['train_pairs']} in all; held-out pairs "
+            f"in batches of {s['per_device_eval_batch_size']} (a divisor: its metrics are means "
+            "of batch means)",
+            f"data order: ours shuffled by seed {t.seed} then packed; TRL's random sampler, "
+            f"seed {t.seed}",
+            *([trl["schedule_note"]] if trl["schedule_note"] else []),
+            f"truncation: TRL max_length {s['max_length']} keep_start (cuts completions as ours "
+            "does); it has no max_prompt_length",
+            *(f"{count} pair(s): {note}" for note, count in trl["notes"].items()),
+            f"tokenization: TRL tokenizes the text itself; identical token ids in "
+            f"{same['train']}/{given['train']} training and {same['eval']}/{given['eval']} "
+            "held-out pairs",
+            *([f"TRL DROPPED pairs (prompt >= max_length): kept {kept} of {given}"]
+              if kept != given else [])]
     if ours:
         differs.append("time: ours = the step times train.py measures (loader wait + step); "
                        "wall = the whole train.py process (start-up, data, model, reference "
                        "pass, 2 evaluations, training, final checkpoint)")
-    if trl_result:
+    if trl:
         differs.append("time: TRL = train_runtime (its training loop); wall = from importing "
                        "TRL (model, tokenization, reference pass, 2 evaluations, training; no "
                        "checkpoint)")
@@ -450,10 +372,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--only", choices=("ours", "trl"))
     parser.add_argument("--tiny", action="store_true", help="CI: a tiny model, 12 pairs, 2 steps")
     args, user = parser.parse_known_args(argv)
-    if args.only != "ours" and missing_packages():
-        print(f"learning_vs_trl.py needs {', '.join(missing_packages())}: {INSTALL_HINT}",
-              file=sys.stderr)
-        raise SystemExit(2)
+    if args.only != "ours":
+        exit_without_trl("learning_vs_trl.py", missing_packages())
+    quiet_environment()
     with tempfile.TemporaryDirectory(prefix="learning_vs_trl-") as tmp:
         out = Path(args.out).resolve() if args.out else Path(tmp)
         if args.tiny:
@@ -462,9 +383,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         config = load_config(args.config, overrides)
         source = ModelSource.from_section(config.model)
         check_supported(config, source)
-        tokenizer = tokenizer_for(config.data, source)
-        data = load_run_data(config.data, tokenizer, config.train.seed, progress=False,
-                             max_positions=source.config.max_position_embeddings)
+        data = load_run_data(config.data, tokenizer_for(config.data, source), config.train.seed,
+                             progress=False, max_positions=source.config.max_position_embeddings)
         if not data.eval:
             raise SystemExit("no held-out pairs: set data.eval_fraction or data.eval_path")
         results: dict[str, dict] = {}
@@ -472,10 +392,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             results["prefixdpo"] = run_ours(args.config, overrides, out, config, data)
         if args.only != "ours":
             results["TRL"] = run_trl(config, source, data, out)
-    print("\nsettings (both):\n  " + "\n  ".join(
-        describe(config, data, results.get("prefixdpo"), results.get("TRL"))))
-    print()
-    print("\n".join(table(results)))
+    settings = describe(config, data, results.get("prefixdpo"), results.get("TRL"))
+    print("\nsettings (both):\n  " + "\n  ".join(settings) + "\n\n" + "\n".join(table(results)))
     failed = [f"{name}: eval loss before training {r['before']['loss']:.6f} != ln 2"
               for name, r in results.items() if abs(r["before"]["loss"] - LN2) > 1e-4]
     ratio = None
@@ -489,8 +407,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                           f"{theirs['eval_pairs']}")
     report = {"command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
               "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "config": args.config,
-              "overrides": overrides, "tiny": args.tiny,
-              "settings": describe(config, data, results.get("prefixdpo"), results.get("TRL")),
+              "overrides": overrides, "tiny": args.tiny, "settings": settings,
               "results": results, "pairs_per_s_ratio_ours_over_trl": ratio,
               "failed_checks": failed}
     if args.json:
