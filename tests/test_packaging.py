@@ -12,7 +12,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("model", "data", "train", "kernels")
-ENTRY_POINTS = sorted([REPO / "train.py", *REPO.glob("scripts/*.py"), *REPO.glob("benchmarks/*.py")])
+# Every script with a `__main__` (benchmarks/measure.py is a module the benchmarks import).
+ENTRY_POINTS = sorted(path for path in [REPO / "train.py", *REPO.glob("scripts/*.py"),
+                                        *REPO.glob("benchmarks/*.py")]
+                      if 'if __name__ == "__main__":' in path.read_text())
 
 
 def python(code: str, cwd: Path, **kwargs) -> subprocess.CompletedProcess:
