@@ -109,6 +109,19 @@ def test_one_and_two_ranks_agree(run_config, tmp_path):
     assert a[3] < a[1]  # it learns
 
 
+def sigterm_after_step(process: subprocess.Popen, out_dir: Path, step: int
+                       ) -> tuple[str, str]:
+    """SIGTERM to a launched run once its metrics hold `step` (or it ended, or 240 s passed);
+    then its output."""
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        if (out_dir / "metrics.jsonl").is_file() and max(losses(out_dir), default=0) >= step:
+            process.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.05)
+    return process.communicate(timeout=120)
+
+
 @pytest.mark.distributed
 def test_resume_after_sigterm_is_exact(run_config, tmp_path):
     reference_dir = tmp_path / "uninterrupted"
@@ -120,13 +133,7 @@ def test_resume_after_sigterm_is_exact(run_config, tmp_path):
     stopped = tmp_path / "stopped"
     process = launch(run_config, f"--train.output_dir={stopped}", "--checkpoint.every=0",
                      "--checkpoint.export_hf=false")
-    deadline = time.time() + 240
-    while time.time() < deadline and process.poll() is None:
-        if (stopped / "metrics.jsonl").is_file() and max(losses(stopped), default=0) >= 2:
-            process.send_signal(signal.SIGTERM)
-            break
-        time.sleep(0.05)
-    out, err = process.communicate(timeout=120)
+    out, err = sigterm_after_step(process, stopped, 2)
     assert process.returncode == 0, err[-3000:]
     assert "stop requested" in out and "Traceback" not in err
     saved = [p.name for p in stopped.glob("step_*")]
@@ -298,13 +305,7 @@ def test_two_ranks_of_the_launcher_stop_cleanly_on_sigterm(run_config, tmp_path)
     out_dir = tmp_path / "run"
     process = launch(run_config, "--checkpoint.every=0", "--checkpoint.export_hf=false",
                      "--train.steps=50", "--data.max_examples=200", nproc=2)
-    deadline = time.time() + 240
-    while time.time() < deadline and process.poll() is None:
-        if (out_dir / "metrics.jsonl").is_file() and max(losses(out_dir), default=0) >= 2:
-            process.send_signal(signal.SIGTERM)
-            break
-        time.sleep(0.05)
-    out, err = process.communicate(timeout=120)
+    out, err = sigterm_after_step(process, out_dir, 2)
     assert process.returncode == 0 and "Traceback" not in err, err[-3000:]
     assert "stop requested: saving a checkpoint" in out
     assert len(list(out_dir.glob("step_*"))) == 1 and not (out_dir / "run.lock").exists()
